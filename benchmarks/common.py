@@ -1,0 +1,70 @@
+"""Shared helpers of the benchmark scripts: side-by-side timing and a ratio table.
+
+Every benchmark times pyro_nf and its Pyro counterpart in the same run, interleaved
+by ``torch.utils.benchmark``, and prints medians and the ratio pyro_nf / reference
+(below 1 means pyro_nf is faster). Speed is never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.utils.benchmark as benchmark
+
+
+@dataclass
+class Row:
+    """One comparison: the same operation in pyro_nf and in the reference library."""
+
+    label: str
+    ours: Callable[[], object]
+    reference: Callable[[], object]
+    reference_name: str = "pyro"
+
+
+def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
+    fn()  # warm-up (and lazy initialization) outside the timed region
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_rows(rows: list[Row], min_run_time: float = 1.0, device: str = "cpu") -> list[dict]:
+    """Time every row (ours and reference alternately) and print a table of medians."""
+    results = []
+    header = f"{'operation':<46} {'pyro_nf (ms)':>13} {'reference (ms)':>15} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ours = median_seconds(row.ours, min_run_time)
+        reference = median_seconds(row.reference, min_run_time)
+        ratio = ours / reference
+        results.append(
+            {
+                "label": row.label,
+                "ours_ms": 1e3 * ours,
+                "reference_ms": 1e3 * reference,
+                "ratio": ratio,
+            }
+        )
+        print(
+            f"{row.label:<46} {1e3 * ours:>13.2f} {1e3 * reference:>15.2f} {ratio:>7.2f}",
+            flush=True,
+        )
+    return results
+
+
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=4096, help="batch size")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    return parser
