@@ -112,7 +112,8 @@ class Coupling(FlowTransform):
 
     def _params(self, identity_part: Tensor, context: Tensor | None) -> Tensor:
         params = self.conditioner(identity_part, context)
-        return params.unflatten(-1, (self.transform_index.numel(), -1))
+        # Parameter-major layout: each parameter of h is a contiguous block of outputs.
+        return params.unflatten(-1, (-1, self.transform_index.numel())).transpose(-1, -2)
 
     def _pass(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         value, context = broadcast_context(value, context)
