@@ -18,7 +18,7 @@ import copy
 import io
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -71,6 +71,8 @@ class TransformContract:
         round_trip_tolerance: relative and absolute tolerance of the round trips.
         log_det_tolerance: absolute tolerance of the log-determinant checks.
         seed: seed of parameters, perturbations and inputs.
+        svi_steps: the number of SVI steps of :meth:`check_svi_steps`.
+        device: where the checks run ("cpu" or "cuda").
     """
 
     factory: Callable[[], Transform]
@@ -82,17 +84,18 @@ class TransformContract:
     log_det_tolerance: float = 1e-8
     seed: int = 0
     svi_steps: int = 3
-    extra: dict = field(default_factory=dict)
+    device: str = "cpu"
 
     # ------------------------------------------------------------------ helpers
     def make(
         self,
         dtype: torch.dtype = torch.float64,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         seed: int | None = None,
     ) -> Transform:
         """A fresh transform with perturbed parameters, moved to ``dtype`` and ``device``."""
         seed = self.seed if seed is None else seed
+        device = self.device if device is None else device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transform = self.factory()
@@ -109,10 +112,11 @@ class TransformContract:
         self,
         batch_shape: tuple[int, ...] = (6,),
         dtype: torch.dtype = torch.float64,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         seed: int = 1,
     ) -> tuple[Tensor, Tensor | None]:
         """Points ``(*batch_shape, D)`` and, for a conditional transform, a context."""
+        device = self.device if device is None else device
         generator = torch.Generator().manual_seed(self.seed + seed)
         shape = (*batch_shape, self.dim)
         value = self.input_scale * torch.randn(shape, generator=generator, dtype=dtype)
@@ -314,12 +318,12 @@ class TransformContract:
         name = f"contract_{id(transform)}"
 
         def model() -> None:
-            loc = torch.ones(self.dim)
-            pyro.sample("latent", dist.Normal(loc, 2 * torch.ones(self.dim)).to_event(1))
+            loc = torch.ones(self.dim, device=self.device)
+            pyro.sample("latent", dist.Normal(loc, 2 * torch.ones_like(loc)).to_event(1))
 
         def guide() -> None:
             pyro.module(name, transform)
-            base = self.base(torch.zeros(self.dim))
+            base = self.base(torch.zeros(self.dim, device=self.device))
             pyro.sample(
                 "latent", dist.TransformedDistribution(base, [self.bind(transform, context)])
             )
@@ -357,7 +361,7 @@ class TransformContract:
         transform = self.make()
         _, context = self.inputs()
         bound = self.bind(transform, context)
-        wrong = torch.randn(6, self.dim + 1, dtype=torch.float64)
+        wrong = torch.randn(6, self.dim + 1, dtype=torch.float64, device=self.device)
         for name, call in (
             ("forward", lambda: bound(wrong)),
             ("inverse", lambda: bound.inv(wrong)),
@@ -373,9 +377,13 @@ class TransformContract:
             else:
                 raise AssertionError(f"{name}: no ValueError for last dimension {self.dim + 1}")
         if _is_conditional(transform, self.context_dim):
-            bad_context = torch.randn(6, self.context_dim + 2, dtype=torch.float64)
+            bad_context = torch.randn(
+                6, self.context_dim + 2, dtype=torch.float64, device=self.device
+            )
             try:
-                transform.condition(bad_context)(torch.randn(6, self.dim, dtype=torch.float64))
+                transform.condition(bad_context)(
+                    torch.randn(6, self.dim, dtype=torch.float64, device=self.device)
+                )
             except ValueError as error:
                 assert str(self.context_dim) in str(error) and str(self.context_dim + 2) in str(
                     error
@@ -383,7 +391,7 @@ class TransformContract:
             else:
                 raise AssertionError("no ValueError for a context of the wrong size")
             try:
-                transform(torch.randn(6, self.dim, dtype=torch.float64))
+                transform(torch.randn(6, self.dim, dtype=torch.float64, device=self.device))
             except ValueError:
                 pass
             else:

@@ -4,7 +4,9 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-    parser.addoption("--device", default=None, help="extra device for device tests, e.g. cuda")
+    parser.addoption(
+        "--device", default=None, help="run the contract checks on this device (e.g. cuda)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,13 +26,6 @@ def _seed_and_clear_param_store():
     torch.manual_seed(0)
     yield
     pyro.clear_param_store()
-
-
-def available_devices():
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    return devices
 
 
 def pytest_configure(config):

@@ -1,4 +1,10 @@
-"""Every registered transform through every contract check."""
+"""Every registered transform through every contract check.
+
+``python -m pytest --device cuda`` runs the same checks on a GPU; without the option
+they run on the CPU, and the CUDA variant runs by itself when a GPU is present.
+"""
+
+import dataclasses
 
 import pytest
 import torch
@@ -9,12 +15,16 @@ from pyro_nf.testing import CONTRACT_CHECKS
 
 @pytest.mark.parametrize("check", CONTRACT_CHECKS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_contract(case, check):
-    getattr(CASES[case], check)()
+def test_contract(case, check, request):
+    device = request.config.getoption("--device") or "cpu"
+    getattr(dataclasses.replace(CASES[case], device=device), check)()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("check", CONTRACT_CHECKS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_contract_on_cuda(case):
-    CASES[case].check_device("cuda")
+def test_contract_on_cuda(case, check):
+    contract = dataclasses.replace(CASES[case], device="cuda")
+    contract.check_device("cuda")
+    getattr(contract, check)()
