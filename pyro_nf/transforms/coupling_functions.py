@@ -122,8 +122,9 @@ class RationalQuadraticSpline(CouplingFunction):
     Arguments:
         num_bins: the number of bins ``K``.
         bound: the half-width ``B`` of the interval where the spline acts.
-        min_bin_width, min_bin_height, min_derivative: floors that keep the
-            spline well conditioned.
+        min_bin_width: floor of the bin widths (a fraction of ``2B``), for conditioning.
+        min_bin_height: floor of the bin heights (a fraction of ``2B``), for conditioning.
+        min_derivative: floor of the interior derivatives, for conditioning.
 
     References:
         Neural Spline Flows (Durkan et al., 2019), arXiv:1906.04032.
