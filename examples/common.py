@@ -1,0 +1,140 @@
+"""Helpers shared by the example scripts: flow families by name, output folders, tables.
+
+Every example picks its flows by family name (``"realnvp"``, ``"spline"``, ``"maf"``,
+``"iaf"``, ``"cnf"``). A family whose builder is not in this copy of :mod:`pyro_nf`
+is reported as unavailable and skipped, so each script runs with whatever the package
+provides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files only; never open a window
+
+import pyro_nf  # noqa: E402
+
+#: The flow families the examples know, and the builder each one uses.
+FAMILY_BUILDERS: dict[str, str] = {
+    "realnvp": "realnvp",
+    "spline": "realnvp",
+    "maf": "maf",
+    "iaf": "iaf",
+    "cnf": "cnf",
+}
+
+#: Keyword arguments each family adds to the builder call (beyond dim and context_dim).
+FAMILY_OPTIONS: dict[str, dict[str, object]] = {
+    "realnvp": {},
+    "spline": {"coupling": "spline", "coupling_kwargs": {"num_bins": 8, "bound": 4.0}},
+    "maf": {},
+    "iaf": {},
+    "cnf": {},
+}
+
+
+def family_builder(family: str) -> Callable[..., pyro_nf.Flow] | None:
+    """The :mod:`pyro_nf` builder of ``family``, or ``None`` if this copy lacks it."""
+    if family not in FAMILY_BUILDERS:
+        raise ValueError(
+            f"unknown flow family {family!r}; expected one of {sorted(FAMILY_BUILDERS)}"
+        )
+    return getattr(pyro_nf, FAMILY_BUILDERS[family], None)
+
+
+def available_families(families: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split ``families`` into those this copy of :mod:`pyro_nf` can build and the rest."""
+    families = list(families)
+    present = [f for f in families if family_builder(f) is not None]
+    return present, [f for f in families if f not in present]
+
+
+def build_flow(
+    family: str,
+    dim: int,
+    context_dim: int = 0,
+    num_layers: int = 4,
+    hidden_dims: Sequence[int] = (64, 64),
+    **options: object,
+) -> pyro_nf.Flow:
+    """A :class:`pyro_nf.Flow` of ``family`` over ``dim`` dimensions.
+
+    ``num_layers`` is the number of coupling / autoregressive layers; a continuous flow
+    (``cnf``) has one ODE block and uses ``hidden_dims`` for its vector field.
+    """
+    builder = family_builder(family)
+    if builder is None:
+        raise ValueError(f"the flow family {family!r} is not available in this pyro_nf")
+    kwargs: dict[str, object] = {**FAMILY_OPTIONS[family], **options}
+    if family != "cnf":
+        kwargs.setdefault("num_layers", num_layers)
+    return builder(dim=dim, context_dim=context_dim, hidden_dims=tuple(hidden_dims), **kwargs)
+
+
+def fit_function() -> Callable[..., object] | None:
+    """``pyro_nf.fit`` when the package has it, else ``None``."""
+    return getattr(pyro_nf, "fit", None)
+
+
+def output_directory(path: str | None, example: str) -> Path:
+    """The folder for an example's files (``outputs/<example>/`` by default), created."""
+    directory = Path(path) if path else Path("outputs") / example
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every example shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--output-dir", default=None, help="folder for figures and results (outputs/<example>/)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny run for smoke tests")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars (for logs)"
+    )
+    return parser
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Whether to show tqdm bars: on unless ``--no-progress`` or ``NO_PROGRESS`` is set."""
+    return not args.no_progress and not os.environ.get("NO_PROGRESS")
+
+
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) with the given ``columns``; floats as %.2f."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "n/a" if math.isnan(value) else f"{value:.2f}"
+        return str(value)
+
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: object) -> None:
+    """Write ``payload`` as indented JSON (non-finite floats become ``null``)."""
+
+    def clean(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(clean(payload), indent=2) + "\n")
