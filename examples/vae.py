@@ -318,7 +318,7 @@ def _image_grid(images: Tensor, shape: tuple[int, int], rows: int, path: Path, t
     cols = math.ceil(len(images) / rows)
     figure, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + 0.4))
     for ax, image in zip(axes.flat, images, strict=False):
-        ax.imshow(image.reshape(shape).cpu(), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(image.reshape(shape).cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
     for ax in axes.flat:
         ax.axis("off")
     figure.suptitle(title, fontsize=9)

@@ -1,0 +1,187 @@
+"""Smoke tests of the example scripts (their ``--quick`` mode) and of the docs build."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+
+def load_example(name: str):
+    module_name = f"example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def run_quick(name: str, tmp_path: Path, *argv: str) -> dict:
+    module = load_example(name)
+    return module.main(["--quick", "--no-progress", "--output-dir", str(tmp_path), *argv])
+
+
+def assert_files(result: dict) -> None:
+    assert result["files"], "the example wrote no files"
+    for path in result["files"]:
+        assert Path(path).is_file() and Path(path).stat().st_size > 0, path
+    assert (Path(result["output_dir"]) / "results.json").is_file()
+
+
+def numbers(rows: list[dict]) -> list[float]:
+    return [v for row in rows for v in row.values() if isinstance(v, float)]
+
+
+# --------------------------------------------------------------------------------------
+# vae.py
+# --------------------------------------------------------------------------------------
+
+
+def test_vae_quick_every_posterior(tmp_path):
+    posteriors = ["diag", "iaf", "maf", "realnvp", "cnf"]
+    result = run_quick("vae", tmp_path, "--posterior", *posteriors)
+    trained = [row["posterior"] for row in result["rows"]]
+    assert trained == [p for p in posteriors if p not in result["unavailable"]]
+    assert "diag" in trained and "realnvp" in trained
+    assert all(math.isfinite(v) for v in numbers(result["rows"]))
+    for row in result["rows"]:
+        assert row["reload ELBO"] == pytest.approx(row["test ELBO"], rel=1e-5)
+        # the importance-weighted bound is at least the ELBO on average
+        assert row["test log p(x) K=8"] >= row["test ELBO"] - 0.5
+    assert_files(result)
+
+
+def test_vae_quick_flow_prior(tmp_path):
+    result = run_quick("vae", tmp_path, "--posterior", "diag", "--prior", "realnvp")
+    assert [row["prior"] for row in result["rows"]] == ["realnvp"]
+    assert all(math.isfinite(v) for v in numbers(result["rows"]))
+    assert_files(result)
+
+
+def write_idx(path: Path, images: torch.Tensor) -> None:
+    count, rows, cols = images.shape
+    payload = (
+        struct.pack(">IIII", 2051, count, rows, cols) + images.to(torch.uint8).numpy().tobytes()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as handle:
+        handle.write(payload)
+
+
+@pytest.fixture
+def fake_mnist(tmp_path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    for name, count in [("train-images-idx3-ubyte.gz", 6), ("t10k-images-idx3-ubyte.gz", 3)]:
+        write_idx(raw / name, torch.randint(0, 256, (count, 28, 28), generator=generator))
+    return tmp_path / "mnist"
+
+
+def test_mnist_loader_reads_torchvision_layout(fake_mnist):
+    vae = load_example("vae")
+    train, test = vae.load_mnist(fake_mnist)
+    assert train.shape == (6, 784) and test.shape == (3, 784)
+    assert set(train.unique().tolist()) == {0.0, 1.0}
+    grey_train, _ = vae.load_mnist(fake_mnist, binarize=False)
+    assert float(grey_train.min()) >= 0.0 and float(grey_train.max()) <= 1.0
+    assert torch.equal(train, (grey_train >= 0.5).to(train.dtype))
+
+
+def test_mnist_loader_never_downloads(tmp_path):
+    vae = load_example("vae")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        vae.load_mnist(tmp_path)
+
+
+def test_mnist_loader_rejects_a_wrong_magic_number(tmp_path):
+    vae = load_example("vae")
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">IIII", 2049, 1, 2, 2) + bytes(4))
+    with pytest.raises(ValueError, match="magic number 2051"):
+        vae.read_idx_images(path)
+
+
+def test_vae_quick_on_fake_mnist(tmp_path, fake_mnist):
+    result = run_quick(
+        "vae",
+        tmp_path / "out",
+        "--data",
+        "mnist",
+        "--data-dir",
+        str(fake_mnist),
+        "--posterior",
+        "diag",
+    )
+    assert all(math.isfinite(v) for v in numbers(result["rows"]))
+    assert_files(result)
+
+
+# --------------------------------------------------------------------------------------
+# density_estimation.py
+# --------------------------------------------------------------------------------------
+
+
+def test_density_estimation_quick(tmp_path):
+    result = run_quick("density_estimation", tmp_path)
+    assert [row["density"] for row in result["rows"]] == ["two_moons", "checkerboard"]
+    assert "gaussian" in result["rows"][0] and "realnvp" in result["rows"][0]
+    assert result["all_finite"]
+    assert (tmp_path / "densities.png").is_file()
+    assert_files(result)
+
+
+def test_density_estimation_quick_on_a_table(tmp_path):
+    table = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "table.csv"
+    path.write_text(
+        "a,b,c\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in table.tolist())
+    )
+    result = run_quick(
+        "density_estimation",
+        tmp_path / "out",
+        "--data",
+        str(path),
+        "--families",
+        "gaussian",
+        "realnvp",
+    )
+    assert [row["density"] for row in result["rows"]] == ["table"]
+    assert result["all_finite"]
+
+
+# --------------------------------------------------------------------------------------
+# docs
+# --------------------------------------------------------------------------------------
+
+
+def test_docs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert (tmp_path / "site" / "api" / "flows" / "index.html").is_file()
