@@ -5,8 +5,18 @@ Every transform maps the base variable z to the data x (Pyro's convention) and i
 owns its base distribution and gives a Pyro distribution when called.
 """
 
-from pyro_nf import datasets, nn, transforms
+from pyro_nf import datasets, infer, nn, transforms
 from pyro_nf.flows import Flow, realnvp
+from pyro_nf.infer import (
+    AmortizedFlowGuide,
+    AutoFlow,
+    FitHistory,
+    NonFiniteLossError,
+    PSISResult,
+    fit,
+    psis_diagnostic,
+    to_inference_data,
+)
 from pyro_nf.transforms import (
     ActNorm,
     Additive,
@@ -24,14 +34,23 @@ __all__ = [
     "ActNorm",
     "Additive",
     "Affine",
+    "AmortizedFlowGuide",
+    "AutoFlow",
     "Coupling",
+    "FitHistory",
     "Flow",
     "FlowTransform",
     "LULinear",
+    "NonFiniteLossError",
+    "PSISResult",
     "Permutation",
     "RationalQuadraticSpline",
     "datasets",
+    "fit",
+    "infer",
     "nn",
+    "psis_diagnostic",
     "realnvp",
+    "to_inference_data",
     "transforms",
 ]

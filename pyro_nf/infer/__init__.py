@@ -1,0 +1,25 @@
+"""Inference with flows: autoguides, amortized guides, diagnostics and a fit helper."""
+
+from pyro_nf.infer import targets
+from pyro_nf.infer.autoguide import FLOW_FAMILIES, AmortizedFlowGuide, AutoFlow
+from pyro_nf.infer.diagnostics import (
+    PSISResult,
+    importance_draws,
+    psis_diagnostic,
+    to_inference_data,
+)
+from pyro_nf.infer.fit import FitHistory, NonFiniteLossError, fit
+
+__all__ = [
+    "FLOW_FAMILIES",
+    "AmortizedFlowGuide",
+    "AutoFlow",
+    "FitHistory",
+    "NonFiniteLossError",
+    "PSISResult",
+    "fit",
+    "importance_draws",
+    "psis_diagnostic",
+    "targets",
+    "to_inference_data",
+]
