@@ -26,6 +26,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+import pyro
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -221,6 +222,12 @@ def fit(
 
     like = flow.base_loc
 
+    def log_likelihood(x: Tensor, c: Tensor | None) -> Tensor:
+        # The data were checked up front; a non-finite value inside the flow must reach
+        # the non-finite handling below rather than fail a distribution's validation.
+        with pyro.validation_enabled(False):
+            return flow.log_prob(x, c)
+
     def batch_of(index: Tensor) -> tuple[Tensor, Tensor | None]:
         index = index.to(data.device)
         x = data[index].to(device=like.device, dtype=like.dtype)
@@ -234,7 +241,7 @@ def fit(
         total = 0.0
         for chunk in validation_index.split(batch_size):
             x, c = batch_of(chunk)
-            total += float(flow.log_prob(x, c).sum())
+            total += float(log_likelihood(x, c).sum())
         flow.train(was_training)
         return total / num_validation
 
@@ -250,7 +257,7 @@ def fit(
         permutation = train_index[torch.randperm(num_train, generator=generator)]
         for step, chunk in enumerate(permutation.split(batch_size)):
             x, c = batch_of(chunk)
-            loss = -flow.log_prob(x, c).mean()
+            loss = -log_likelihood(x, c).mean()
             finite = bool(torch.isfinite(loss))
             if finite:
                 optimizer.zero_grad()

@@ -1,0 +1,218 @@
+"""The maximum-likelihood fit helper (pyro_nf.fit) and the Pyro-native training path."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+import pyro_nf
+from pyro_nf import FitHistory, NonFiniteLossError, fit
+
+SMALL = {"num_layers": 2, "hidden_dims": (16,)}
+
+
+def shifted_data(n=60, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=generator) * 0.5 + 2.0
+
+
+def state_of(flow):
+    return {k: v.clone() for k, v in flow.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def mean_log_prob(flow, x, context=None):
+    flow.eval()
+    value = float(flow.log_prob(x, context).mean())
+    flow.train()
+    return value
+
+
+def test_fit_improves_likelihood_and_records_history():
+    flow = pyro_nf.realnvp(2, **SMALL)
+    data = shifted_data(200)
+    before = mean_log_prob(flow, data)
+    history = fit(flow, data, epochs=8, batch_size=32, lr=1e-2, progress=False)
+    assert isinstance(history, FitHistory)
+    assert history.epochs_run == 8 and len(history.validation_log_likelihood) == 8
+    assert history.validation_index.shape == (20,)
+    assert mean_log_prob(flow, data) > before + 1.0
+    assert history.train_log_likelihood[-1] > history.train_log_likelihood[0]
+
+
+def test_fit_early_stopping_and_best_parameter_restore():
+    torch.manual_seed(0)
+    flow = pyro_nf.realnvp(2, num_layers=4, hidden_dims=(32, 32))
+    data = shifted_data(60)
+    history = fit(
+        flow,
+        data,
+        epochs=300,
+        batch_size=15,
+        lr=1e-2,
+        validation_fraction=0.25,
+        patience=5,
+        progress=False,
+    )
+    values = history.validation_log_likelihood
+    assert history.stopped_early
+    assert history.epochs_run == history.best_epoch + 5 + 1 < 300
+    assert history.best_epoch == max(range(len(values)), key=values.__getitem__)
+    assert history.best_validation_log_likelihood == values[history.best_epoch]
+    assert values[-1] < history.best_validation_log_likelihood
+    # The flow holds the best epoch's parameters, not the last epoch's.
+    restored = mean_log_prob(flow, data[history.validation_index])
+    assert restored == pytest.approx(history.best_validation_log_likelihood, abs=1e-5)
+
+
+def test_fit_without_validation_runs_every_epoch_and_keeps_the_last_parameters():
+    flow = pyro_nf.realnvp(2, **SMALL)
+    history = fit(flow, shifted_data(40), epochs=3, batch_size=20, validation_fraction=0.0)
+    assert history.epochs_run == 3 and history.validation_log_likelihood == []
+    assert history.best_epoch == 2 and math.isnan(history.best_validation_log_likelihood)
+    assert history.validation_index is None and not history.stopped_early
+
+
+class PoisoningAdam(torch.optim.Adam):
+    """Adam that sets a parameter to NaN after its ``poison_at``-th step (1-based)."""
+
+    def __init__(self, flow, poison_at, steps_per_epoch):
+        super().__init__(flow.parameters(), lr=1e-3)
+        self.flow, self.poison_at, self.steps_per_epoch = flow, poison_at, steps_per_epoch
+        self.count = 0
+        self.epoch_end_states = []
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        self.count += 1
+        if self.count % self.steps_per_epoch == 0:
+            self.epoch_end_states.append(state_of(self.flow))
+        if self.count == self.poison_at:
+            with torch.no_grad():
+                next(self.flow.parameters()).fill_(math.nan)
+        return result
+
+
+@pytest.mark.parametrize(
+    "poison_at, epoch, step",
+    [pytest.param(2, 0, 2, id="first-epoch"), pytest.param(6, 1, 2, id="second-epoch")],
+)
+def test_fit_non_finite_loss_restores_last_good_parameters_and_raises(poison_at, epoch, step):
+    flow = pyro_nf.realnvp(2, **SMALL)
+    initial = state_of(flow)
+    # 40 points, no validation, batches of 10: 4 steps per epoch.
+    optimizer = PoisoningAdam(flow, poison_at, steps_per_epoch=4)
+    with pytest.raises(NonFiniteLossError, match=f"epoch {epoch}, step {step}") as info:
+        fit(
+            flow,
+            shifted_data(40),
+            epochs=5,
+            batch_size=10,
+            validation_fraction=0.0,
+            optimizer=optimizer,
+            progress=False,
+        )
+    error = info.value
+    assert isinstance(error, FloatingPointError)
+    assert (error.epoch, error.step) == (epoch, step)
+    assert error.history.epochs_run == epoch
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+    expected = initial if epoch == 0 else optimizer.epoch_end_states[epoch - 1]
+    assert same_state(state_of(flow), expected)
+
+
+def test_fit_conditional_flow():
+    flow = pyro_nf.realnvp(2, context_dim=1, **SMALL)
+    context = torch.randn(100, 1)
+    data = torch.randn(100, 2) * 0.3 + 2.0 * context
+    before = mean_log_prob(flow, data, context)
+    fit(flow, data, context, epochs=5, batch_size=25, lr=1e-2, progress=False)
+    assert mean_log_prob(flow, data, context) > before
+
+
+def test_fit_progress_bar_can_be_turned_off(capsys):
+    fit(pyro_nf.realnvp(2, **SMALL), shifted_data(20), epochs=2, progress=False)
+    assert capsys.readouterr().err == ""
+    fit(pyro_nf.realnvp(2, **SMALL), shifted_data(20), epochs=2, progress=True)
+    assert "fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, error, match",
+    [
+        pytest.param({"data": torch.randn(10, 3)}, ValueError, r"\(N, 2\)", id="wrong-dim"),
+        pytest.param({"data": torch.randn(10)}, ValueError, r"\(N, 2\)", id="one-dim-data"),
+        pytest.param({"data": [[0.0, 1.0]]}, ValueError, r"\(N, 2\)", id="not-a-tensor"),
+        pytest.param(
+            {"data": torch.tensor([[0.0, math.nan]] * 4)}, ValueError, "non-finite", id="nan"
+        ),
+        pytest.param({"context": torch.randn(10, 1)}, ValueError, "unconditional", id="context"),
+        pytest.param({"validation_fraction": 1.0}, ValueError, "validation_fraction", id="frac"),
+        pytest.param({"epochs": 0}, ValueError, "epochs", id="epochs"),
+        pytest.param({"batch_size": 2.5}, ValueError, "batch_size", id="batch-size"),
+        pytest.param({"patience": 0}, ValueError, "patience", id="patience"),
+        pytest.param({"lr": -1.0}, ValueError, "lr", id="lr"),
+        pytest.param({"optimizer": "adam"}, TypeError, "optimizer", id="optimizer"),
+        pytest.param(
+            {"data": torch.randn(1, 2), "validation_fraction": 0.5},
+            ValueError,
+            "no training data",
+            id="too-few-points",
+        ),
+    ],
+)
+def test_fit_validates_inputs_before_training(arguments, error, match):
+    flow = pyro_nf.realnvp(2, **SMALL)
+    initial = state_of(flow)
+    kwargs = {"data": torch.randn(10, 2), "progress": False, **arguments}
+    data = kwargs.pop("data")
+    with pytest.raises(error, match=match):
+        fit(flow, data, **kwargs)
+    assert same_state(state_of(flow), initial)
+
+
+@pytest.mark.parametrize(
+    "context, match",
+    [
+        pytest.param(None, r"context of shape \(N, 3\)", id="missing"),
+        pytest.param(torch.randn(10, 2), r"\(10, 3\)", id="wrong-width"),
+        pytest.param(torch.randn(9, 3), r"\(10, 3\)", id="wrong-length"),
+    ],
+)
+def test_fit_validates_context_of_conditional_flow(context, match):
+    flow = pyro_nf.realnvp(2, context_dim=3, **SMALL)
+    with pytest.raises(ValueError, match=match):
+        fit(flow, torch.randn(10, 2), context, progress=False)
+
+
+def test_fit_rejects_a_bare_transform():
+    with pytest.raises(TypeError, match="pyro_nf.Flow"):
+        fit(pyro_nf.Coupling([True, False]), torch.randn(10, 2), progress=False)
+
+
+def test_pyro_native_maximum_likelihood_with_empty_guide():
+    """The documented alternative to fit: pyro.module, obs= under a plate, SVI."""
+    flow = pyro_nf.realnvp(2, **SMALL)
+    data = shifted_data(128)
+
+    def model(data):
+        pyro.module("flow", flow)
+        with pyro.plate("data", data.shape[0], subsample_size=32) as index:
+            pyro.sample("x", flow(), obs=data[index])
+
+    def guide(data):
+        pass
+
+    before = mean_log_prob(flow, data)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(60):
+        svi.step(data)
+    assert mean_log_prob(flow, data) > before + 1.0
+    assert isinstance(flow(), dist.TransformedDistribution)

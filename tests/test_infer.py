@@ -1,0 +1,510 @@
+"""Flow autoguides, amortized guides and PSIS diagnostics (pyro_nf.infer)."""
+
+import functools
+import math
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.reparam import NeuTraReparam
+from torch import nn
+
+import pyro_nf
+from pyro_nf import flows
+from pyro_nf.infer import (
+    FLOW_FAMILIES,
+    AmortizedFlowGuide,
+    AutoFlow,
+    importance_draws,
+    psis_diagnostic,
+    to_inference_data,
+)
+from pyro_nf.infer.targets import banana, funnel
+from pyro_nf.transforms.base import FlowTransform
+
+SMALL = {"num_layers": 2, "hidden_dims": (16,)}
+
+
+def family_param(name):
+    """A pytest param of a flow family, skipped while its builder is not in pyro_nf.flows."""
+    missing = not hasattr(flows, name)
+    return pytest.param(
+        name, id=name, marks=pytest.mark.skipif(missing, reason=f"no pyro_nf.flows.{name} yet")
+    )
+
+
+FAMILIES = [family_param(name) for name in FLOW_FAMILIES]
+
+
+def small_kwargs(family):
+    return dict(SMALL)
+
+
+def two_site_model():
+    pyro.sample("a", dist.Normal(1.0, 2.0))
+    pyro.sample("b", dist.LogNormal(0.0, 1.0).expand([2]).to_event(1))
+
+
+def one_dim_model():
+    pyro.sample("a", dist.Normal(0.0, 1.0))
+
+
+def run_svi(model, guide, steps, lr, particles=16, *args):
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": lr}),
+        Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=0),
+    )
+    for _ in range(steps):
+        svi.step(*args)
+
+
+@torch.no_grad()
+def elbo_gap(target, guide, num_samples=4000):
+    """log Z - ELBO = KL(q || p), estimated with many vectorized guide draws."""
+    elbo = Trace_ELBO(num_particles=num_samples, vectorize_particles=True, max_plate_nesting=0)
+    return target.log_normalizer + elbo.loss(target.model, guide)
+
+
+# ------------------------------------------------------------------------- AutoFlow
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autoflow_starts_at_init_location_with_small_scale(family):
+    guide = AutoFlow(two_site_model, flow=family, init_scale=0.05, **small_kwargs(family))
+    guide()
+    assert guide.latent_dim == 3
+    init = guide._init_loc()
+    assert torch.equal(guide.loc.detach(), init)
+    assert torch.allclose(guide.scale.detach(), torch.full((3,), 0.05))
+    with torch.no_grad():
+        draws = guide.get_posterior().sample((2000,))
+    # Near-identity flow layers: the posterior is close to N(init, 0.05^2).
+    assert torch.allclose(draws.mean(0), init, atol=0.02)
+    assert torch.allclose(draws.std(0), torch.full((3,), 0.05), rtol=0.2)
+
+
+def test_autoflow_samples_every_site_in_its_support():
+    guide = AutoFlow(two_site_model, flow="realnvp", **SMALL)
+    sample = guide()
+    assert sorted(sample) == ["a", "b"]
+    assert sample["a"].shape == () and sample["b"].shape == (2,)
+    assert bool((sample["b"] > 0).all())
+
+
+def test_autoflow_registers_flow_parameters_with_the_param_store():
+    guide = AutoFlow(two_site_model, flow="realnvp", **SMALL)
+    guide()
+    names = set(pyro.get_param_store().keys())
+    assert {"AutoFlow.loc", "AutoFlow.scale"} <= names
+    flow_parameters = [name for name in names if name.startswith("AutoFlow.flow")]
+    assert len(flow_parameters) == len(list(guide.flow.parameters()))
+
+
+@pytest.mark.parametrize(
+    "flow, kwargs, error, match",
+    [
+        pytest.param("glow", {}, ValueError, "unknown flow", id="unknown-name"),
+        pytest.param(3, {}, TypeError, "callable", id="not-callable"),
+        pytest.param(
+            lambda dim: flows.realnvp(dim), {"num_layers": 2}, ValueError, "keyword", id="kwargs"
+        ),
+        pytest.param("realnvp", {"init_scale": 0.0}, ValueError, "init_scale", id="zero-scale"),
+        pytest.param("realnvp", {"init_scale": -1.0}, ValueError, "init_scale", id="neg-scale"),
+    ],
+)
+def test_autoflow_rejects_bad_arguments_at_construction(flow, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AutoFlow(two_site_model, flow=flow, **kwargs)
+
+
+def test_autoflow_realnvp_on_one_dimensional_latent_suggests_iaf():
+    guide = AutoFlow(one_dim_model, flow="realnvp")
+    with pytest.raises(ValueError, match="1-dimensional latent.*maf/iaf"):
+        guide()
+
+
+@pytest.mark.parametrize("family", [p for p in FAMILIES if p.values[0] != "realnvp"])
+def test_autoflow_one_dimensional_latent(family):
+    guide = AutoFlow(one_dim_model, flow=family, **small_kwargs(family))
+    assert guide()["a"].shape == ()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda dim: flows.realnvp(dim, **SMALL), id="returns-flow"),
+        pytest.param(
+            lambda dim: pyro_nf.Coupling(torch.arange(dim) < 1, hidden_dims=(8,)),
+            id="returns-transform-module",
+        ),
+        pytest.param(lambda dim: dist.transforms.Planar(dim), id="returns-pyro-transform"),
+    ],
+)
+def test_autoflow_with_a_callable_flow_trains(make):
+    guide = AutoFlow(two_site_model, flow=make)
+    guide()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    run_svi(two_site_model, guide, steps=3, lr=0.05, particles=4)
+    after = dict(pyro.get_param_store().items())
+    changed = [k for k in before if not torch.equal(before[k], after[k].detach())]
+    flow_changed = [k for k in changed if k.startswith("AutoFlow.flow")]
+    assert flow_changed, "the flow's parameters did not move"
+
+
+def test_autoflow_rejects_conditional_flow_and_wrong_dim():
+    guide = AutoFlow(two_site_model, flow=lambda dim: flows.realnvp(dim, context_dim=2, **SMALL))
+    with pytest.raises(ValueError, match="unconditional"):
+        guide()
+    guide = AutoFlow(two_site_model, flow=lambda dim: flows.realnvp(dim + 1, **SMALL))
+    with pytest.raises(ValueError, match="dim=4 but the latent has dim=3"):
+        guide()
+
+
+def test_autoflow_vectorized_particles_and_predictive():
+    guide = AutoFlow(two_site_model, flow="realnvp", **SMALL)
+    run_svi(two_site_model, guide, steps=5, lr=0.01, particles=4)
+    samples = Predictive(two_site_model, guide=guide, num_samples=7)()
+    assert samples["a"].shape == (7,) and samples["b"].shape == (7, 2)
+    parallel = Predictive(two_site_model, guide=guide, num_samples=7, parallel=True)()
+    assert parallel["b"].shape == (7, 2)
+
+
+def _count_passes(layers):
+    counts = {"forward": 0, "inverse": 0}
+
+    def wrap(method, key):
+        @functools.wraps(method)
+        def counted(*args, **kwargs):
+            counts[key] += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+    for layer in layers:
+        if isinstance(layer, FlowTransform):
+            layer.forward_and_log_det = wrap(layer.forward_and_log_det, "forward")
+            layer.inverse_and_log_det = wrap(layer.inverse_and_log_det, "inverse")
+    return counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autoflow_elbo_costs_one_sampling_pass_per_layer(family):
+    guide = AutoFlow(two_site_model, flow=family, **small_kwargs(family))
+    guide()
+    layers = [layer for layer in guide.flow.layers if isinstance(layer, FlowTransform)]
+    counts = _count_passes(layers)
+    loss = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=0)
+    loss.differentiable_loss(two_site_model, guide).backward()
+    # rsample runs z -> x once per layer; log_prob of the same draws reads the caches.
+    assert counts == {"forward": len(layers), "inverse": 0}
+
+
+def test_autoflow_follows_the_models_dtype():
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow="realnvp", **SMALL)
+    assert guide()["a"].dtype == torch.float64
+    assert {p.dtype for p in guide.parameters()} == {torch.float64}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_autoflow_follows_the_models_device():
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(3, device="cuda"), 1.0).to_event(1))
+
+    guide = AutoFlow(model, flow="realnvp", **SMALL)
+    assert guide()["a"].device.type == "cuda"
+    assert {p.device.type for p in guide.parameters()} == {"cuda"}
+    assert {b.device.type for b in guide.buffers()} == {"cuda"}
+    run_svi(model, guide, steps=2, lr=0.01, particles=4)
+
+
+def test_neutra_reparam_with_autoflow_runs_nuts():
+    target = banana()
+    guide = AutoFlow(target.model, flow="realnvp", init_scale=1.0, **SMALL)
+    run_svi(target.model, guide, steps=20, lr=0.01)
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    model = neutra.reparam(target.model)
+    mcmc = MCMC(NUTS(model, max_tree_depth=4), num_samples=10, warmup_steps=10)
+    mcmc.run()
+    latent = mcmc.get_samples()["x_shared_latent"]
+    assert latent.shape == (10, 2)
+    assert neutra.transform_sample(latent)["x"].shape == (10, 2)
+
+
+# ---------------------------------------------------------- ELBO against AutoNormal
+
+
+def _fit_guides(target, family, steps, lr, flow_kwargs):
+    pyro.set_rng_seed(0)
+    normal = AutoNormal(target.model, init_scale=1.0)
+    run_svi(target.model, normal, steps, lr)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    flow_guide = AutoFlow(target.model, flow=family, init_scale=1.0, **flow_kwargs)
+    run_svi(target.model, flow_guide, steps, lr)
+    return normal, flow_guide
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_autoflow_beats_autonormal_on_banana_fast(family):
+    target = banana()
+    normal, flow_guide = _fit_guides(target, family, 150, 0.01, small_kwargs(family))
+    normal_gap, flow_gap = elbo_gap(target, normal), elbo_gap(target, flow_guide)
+    assert flow_gap < 0.75 * normal_gap, (flow_gap, normal_gap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("make_target", [banana, funnel], ids=["banana", "funnel"])
+def test_autoflow_beats_autonormal(make_target, family):
+    target = make_target()
+    kwargs = {"num_layers": 4, "hidden_dims": (32, 32)}
+    normal, flow_guide = _fit_guides(target, family, 1000, 0.005, kwargs)
+    normal_gap, flow_gap = elbo_gap(target, normal), elbo_gap(target, flow_guide)
+    assert flow_gap < 0.5 * normal_gap, (flow_gap, normal_gap)
+    if target.name == "banana":
+        assert psis_diagnostic(target.model, flow_guide, num_samples=4000).khat < 0.7
+
+
+@pytest.mark.slow
+def test_neutra_improves_nuts_ess_on_funnel():
+    target = funnel()
+    pyro.set_rng_seed(0)
+    guide = AutoFlow(target.model, flow="realnvp", init_scale=1.0, num_layers=4)
+    run_svi(target.model, guide, 1000, 0.005)
+    guide.requires_grad_(False)
+
+    def ess_of_v(model, transform=None):
+        pyro.set_rng_seed(1)
+        mcmc = MCMC(NUTS(model), num_samples=300, warmup_steps=300)
+        mcmc.run()
+        samples = mcmc.get_samples()
+        x = samples["x"] if transform is None else transform(samples["x_shared_latent"])["x"]
+        v = x[:, 0].numpy()
+        return float(az.ess(v[None])), x
+
+    plain_ess, _ = ess_of_v(target.model)
+    neutra = NeuTraReparam(guide)
+    neutra_ess, x = ess_of_v(neutra.reparam(target.model), neutra.transform_sample)
+    assert neutra_ess > 2 * plain_ess, (neutra_ess, plain_ess)
+    assert abs(float(x[:, 0].mean())) < 0.75  # v ~ N(0, 9)
+
+
+# ------------------------------------------------------------------ amortized guide
+
+SIGMA = 0.5
+DATA_DIM = 2
+
+
+def conjugate_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(DATA_DIM), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, SIGMA).to_event(1), obs=x)
+
+
+def test_amortized_guide_recovers_conjugate_posterior():
+    pyro.set_rng_seed(0)
+    x = torch.randn(32, DATA_DIM) * math.sqrt(1 + SIGMA**2)
+    flow = flows.realnvp(DATA_DIM, context_dim=4, num_layers=2, hidden_dims=(16,))
+    guide = AmortizedFlowGuide(conjugate_model, nn.Linear(DATA_DIM, 4), flow, site="z")
+    svi = SVI(
+        conjugate_model,
+        guide,
+        pyro.optim.Adam({"lr": 0.02}),
+        Trace_ELBO(num_particles=8, vectorize_particles=True),
+    )
+    for _ in range(300):
+        svi.step(x)
+    with torch.no_grad():
+        draws = guide.get_posterior(x).sample((4000,))
+    exact_mean, exact_variance = x / (1 + SIGMA**2), SIGMA**2 / (1 + SIGMA**2)
+    assert (draws.mean(0) - exact_mean).abs().max() < 0.15
+    variance = draws.var(0)
+    assert bool(((variance / exact_variance - 1).abs() < 0.3).all()), variance
+
+
+def test_amortized_guide_under_predictive_and_constrained_support():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            scale = pyro.sample("scale", dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(0.0, scale).to_event(1), obs=x)
+
+    x = torch.randn(5, 2)
+    flow = flows.realnvp(2, context_dim=2, **SMALL)
+    guide = AmortizedFlowGuide(model, nn.Identity(), flow, site="scale")
+    value = guide(x)["scale"]
+    assert value.shape == (5, 2) and bool((value > 0).all())
+    samples = Predictive(model, guide=guide, num_samples=3)(x)
+    assert samples["scale"].shape == (3, 5, 2)
+
+
+@pytest.mark.parametrize(
+    "site, flow_dim, context_dim, match",
+    [
+        pytest.param("w", 2, 2, "no latent site 'w'", id="missing-site"),
+        pytest.param("x", 2, 2, "no latent site 'x'", id="observed-site"),
+        pytest.param("z", 3, 2, "event shape", id="wrong-dim"),
+    ],
+)
+def test_amortized_guide_rejects_bad_sites(site, flow_dim, context_dim, match):
+    flow = flows.realnvp(flow_dim, context_dim=context_dim, **SMALL)
+    guide = AmortizedFlowGuide(conjugate_model, nn.Linear(DATA_DIM, context_dim), flow, site)
+    with pytest.raises(ValueError, match=match):
+        guide(torch.randn(4, DATA_DIM))
+
+
+def test_amortized_guide_needs_a_conditional_flow():
+    with pytest.raises(ValueError, match="conditional"):
+        AmortizedFlowGuide(conjugate_model, nn.Identity(), flows.realnvp(2, **SMALL))
+
+
+# ---------------------------------------------------------------------- diagnostics
+
+OBSERVED = 1.5
+POSTERIOR_MEAN = OBSERVED / (1 + SIGMA**2)
+POSTERIOR_STD = math.sqrt(SIGMA**2 / (1 + SIGMA**2))
+LOG_EVIDENCE = float(dist.Normal(0.0, math.sqrt(1 + SIGMA**2)).log_prob(torch.tensor(OBSERVED)))
+
+
+def scalar_model():
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, SIGMA), obs=torch.tensor(OBSERVED))
+
+
+def normal_guide(loc, scale):
+    def guide():
+        pyro.sample("z", dist.Normal(loc, scale))
+
+    return guide
+
+
+def test_psis_exact_posterior_guide():
+    guide = normal_guide(POSTERIOR_MEAN, POSTERIOR_STD)
+    result = psis_diagnostic(scalar_model, guide, num_samples=2000)
+    assert result.khat < 0.5 and result.reliable
+    assert result.ess > 0.95 * 2000
+    assert result.log_evidence == pytest.approx(LOG_EVIDENCE, abs=1e-4)
+    assert result.elbo == pytest.approx(LOG_EVIDENCE, abs=1e-4)
+
+
+def test_psis_badly_mismatched_guide():
+    guide = normal_guide(POSTERIOR_MEAN - 0.5, 0.3 * POSTERIOR_STD)
+    result = psis_diagnostic(scalar_model, guide, num_samples=2000)
+    assert result.khat > 0.7 and not result.reliable
+    assert result.ess < 0.2 * 2000
+
+
+def test_psis_matches_direct_computation():
+    guide = normal_guide(POSTERIOR_MEAN + 0.2, 1.3 * POSTERIOR_STD)
+    result = psis_diagnostic(scalar_model, guide, num_samples=3000)
+    z = result.samples["z"]
+    assert z.shape == (3000,)
+    direct = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + dist.Normal(z, SIGMA).log_prob(torch.tensor(OBSERVED))
+        - dist.Normal(POSTERIOR_MEAN + 0.2, 1.3 * POSTERIOR_STD).log_prob(z)
+    )
+    assert torch.allclose(result.log_weights, direct, atol=1e-5)
+    smoothed, khat = az.psislw(direct.double().numpy(), reff=1.0)
+    assert result.khat == pytest.approx(float(khat))
+    weights = np.exp(smoothed)
+    assert result.ess == pytest.approx(1.0 / (weights**2).sum())
+    direct_mean = float((weights * z.double().numpy()).sum())
+    assert float(result.mean()["z"]) == pytest.approx(direct_mean, rel=1e-4)
+    # A wide guide reweighted is a good estimator of the exact posterior moments.
+    assert float(result.mean()["z"]) == pytest.approx(POSTERIOR_MEAN, abs=0.05)
+    assert float(result.variance()["z"]) == pytest.approx(POSTERIOR_STD**2, rel=0.1)
+
+
+def test_psis_expectation_rejects_wrong_shape():
+    result = psis_diagnostic(scalar_model, normal_guide(0.0, 1.0), num_samples=100)
+    with pytest.raises(ValueError, match="leading dimension 100"):
+        result.expectation(lambda s: s["z"][:10])
+
+
+def test_psis_non_finite_weights_raise():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("positive", torch.where(z > 0, 0.0, -math.inf))
+
+    with pytest.raises(ValueError, match="not finite"):
+        psis_diagnostic(model, normal_guide(0.0, 1.0), num_samples=100)
+
+
+def _plated_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(mu[..., None] * torch.ones(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, scale[..., None]).to_event(1), obs=x)
+
+
+def test_importance_draws_shapes_with_plates_and_batches():
+    x = torch.randn(5, 2)
+    guide = AutoNormal(_plated_model)
+    guide(x)
+    log_weights, draws = importance_draws(_plated_model, guide, x, num_samples=50, batch_size=20)
+    assert log_weights.shape == (50,)
+    assert {k: tuple(v.shape) for k, v in draws.items()} == {
+        "mu": (50,),
+        "scale": (50,),
+        "z": (50, 5, 2),
+    }
+    assert bool((draws["scale"] > 0).all())
+
+
+def test_to_inference_data_summary_and_pair_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x = torch.randn(5, 2)
+    guide = AutoFlow(_plated_model, flow="realnvp", **SMALL)
+    guide(x)
+    idata = to_inference_data(_plated_model, guide, x, num_samples=200)
+    assert idata.posterior["z"].shape == (1, 200, 5, 2)
+    assert idata.posterior["scale"].shape == (1, 200)
+    assert idata.sample_stats["log_weight"].shape == (1, 200)
+    summary = az.summary(idata, var_names=["mu", "scale"], kind="stats")
+    assert list(summary.index) == ["mu", "scale"]
+    assert summary.loc["scale", "mean"] > 0
+    axes = az.plot_pair(idata, var_names=["mu", "scale"])
+    assert axes is not None
+    matplotlib.pyplot.close("all")
+
+
+def test_psis_result_to_inference_data_keeps_the_draws():
+    result = psis_diagnostic(scalar_model, normal_guide(0.0, 1.0), num_samples=100)
+    idata = result.to_inference_data()
+    np.testing.assert_allclose(idata.posterior["z"].values[0], result.samples["z"].numpy())
+
+
+def test_importance_draws_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="num_samples"):
+        importance_draws(scalar_model, normal_guide(0.0, 1.0), num_samples=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        importance_draws(scalar_model, normal_guide(0.0, 1.0), num_samples=10, batch_size=0)
+
+
+def test_neutra_model_density_is_the_pushforward_of_the_target():
+    target = banana()
+    guide = AutoFlow(target.model, flow="realnvp", **SMALL)
+    guide()
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    trace = poutine.trace(neutra.reparam(target.model)).get_trace()
+    latent = trace.nodes["x_shared_latent"]["value"]
+    transform = guide.get_transform()
+    x = transform(latent)
+    # The sampler's target over the base variable u is p(T(u)) |det dT/du|.
+    expected = target.log_density(x) + transform.log_abs_det_jacobian(latent, x)
+    assert torch.allclose(trace.log_prob_sum(), expected, atol=1e-4)
