@@ -6,7 +6,7 @@ owns its base distribution and gives a Pyro distribution when called.
 """
 
 from pyro_nf import datasets, infer, nn, transforms
-from pyro_nf.flows import Flow, realnvp
+from pyro_nf.flows import Flow, cnf, realnvp
 from pyro_nf.infer import (
     AmortizedFlowGuide,
     AutoFlow,
@@ -21,6 +21,7 @@ from pyro_nf.transforms import (
     ActNorm,
     Additive,
     Affine,
+    ContinuousFlow,
     Coupling,
     FlowTransform,
     LULinear,
@@ -36,6 +37,7 @@ __all__ = [
     "Affine",
     "AmortizedFlowGuide",
     "AutoFlow",
+    "ContinuousFlow",
     "Coupling",
     "FitHistory",
     "Flow",
@@ -45,6 +47,7 @@ __all__ = [
     "PSISResult",
     "Permutation",
     "RationalQuadraticSpline",
+    "cnf",
     "datasets",
     "fit",
     "infer",

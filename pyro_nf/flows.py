@@ -25,11 +25,12 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_nf.transforms.continuous import ContinuousFlow
 from pyro_nf.transforms.coupling import Coupling, half_mask
 from pyro_nf.transforms.coupling_functions import CouplingFunction, coupling_function
 from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 
-__all__ = ["Flow", "realnvp", "permutation_layer"]
+__all__ = ["Flow", "cnf", "realnvp", "permutation_layer"]
 
 
 class Flow(nn.Module):
@@ -142,11 +143,13 @@ def permutation_layer(kind: str | None, dim: int, seed: int) -> Transform | None
     raise ValueError(f"unknown permutation {kind!r}; expected 'reverse', 'random', 'lu' or None")
 
 
-def _check_builder_args(dim: int, num_layers: int, context_dim: int) -> None:
+def _check_builder_args(
+    dim: int, num_layers: int, context_dim: int, layers_name: str = "num_layers"
+) -> None:
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        raise ValueError(f"{layers_name} must be a positive integer, got {num_layers!r}")
     if not isinstance(context_dim, int) or context_dim < 0:
         raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
 
@@ -216,4 +219,83 @@ def realnvp(
         glue = permutation_layer(permutation, dim, seed + i) if i < num_layers - 1 else None
         if glue is not None:
             layers.append(glue)
+    return Flow(layers, dim, context_dim)
+
+
+def cnf(
+    dim: int,
+    hidden_dims: Sequence[int] = (64, 64),
+    num_blocks: int = 1,
+    trace: str = "exact",
+    probe: str = "gaussian",
+    adjoint: bool = True,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    options: dict | None = None,
+    context_dim: int = 0,
+    time: float = 1.0,
+    learn_time: bool = False,
+    regularize: bool = False,
+    actnorm: bool = False,
+    activation: str = "tanh",
+) -> Flow:
+    r"""A continuous normalizing flow (FFJORD): ``num_blocks`` ODE transforms in a row.
+
+    Each block integrates :math:`dz/dt = f_k(z, t[, c])` over :math:`[0, T]` with the
+    log-determinant :math:`\int_0^T \operatorname{tr}(\partial f_k/\partial z)\,dt`
+    in the same solve (see :class:`~pyro_nf.transforms.ContinuousFlow`). Direction:
+    z -> x (sampling) and x -> z (density) are one ODE solve per block each.
+
+    Arguments:
+        dim: the event size D (1 is allowed).
+        hidden_dims: hidden sizes of each block's concat-squash dynamics network.
+        num_blocks: the number of ODE blocks.
+        trace: ``"exact"`` (small D) or ``"hutchinson"`` (large D); switchable later
+            through each block's ``trace`` attribute.
+        probe: the Hutchinson probe, ``"gaussian"`` or ``"rademacher"``.
+        adjoint: adjoint gradients (flat memory) or backpropagation through the solver.
+        rtol: the solver's relative tolerance.
+        atol: the solver's absolute tolerance.
+        method: the torchdiffeq solver, e.g. ``"dopri5"`` or ``"rk4"``.
+        options: solver options, e.g. ``{"step_size": 0.05}`` for fixed-step solvers.
+        context_dim: context size for a conditional flow (0: unconditional).
+        time: the integration time T of each block.
+        learn_time: learn each block's T.
+        regularize: integrate the kinetic-energy and Jacobian-norm regularizers (read
+            them with :func:`~pyro_nf.transforms.collect_regularization`).
+        actnorm: put an :class:`ActNorm` layer before every block.
+        activation: the dynamics' activation (smooth: ``"tanh"`` or ``"softplus"``).
+
+    Returns:
+        a :class:`Flow` whose ``transform`` maps z -> x.
+
+    Example:
+        >>> flow = cnf(dim=2, hidden_dims=(16, 16), rtol=1e-4, atol=1e-4)
+        >>> flow.log_prob(torch.randn(10, 2)).shape
+        torch.Size([10])
+    """
+    _check_builder_args(dim, num_blocks, context_dim, layers_name="num_blocks")
+    layers: list[Transform] = []
+    for _ in range(num_blocks):
+        if actnorm:
+            layers.append(ActNorm(dim))
+        layers.append(
+            ContinuousFlow(
+                dim,
+                hidden_dims=hidden_dims,
+                context_dim=context_dim,
+                activation=activation,
+                trace=trace,
+                probe=probe,
+                time=time,
+                learn_time=learn_time,
+                regularize=regularize,
+                adjoint=adjoint,
+                method=method,
+                rtol=rtol,
+                atol=atol,
+                options=options,
+            )
+        )
     return Flow(layers, dim, context_dim)

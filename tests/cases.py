@@ -7,7 +7,14 @@ Adding a transform to the package means adding one entry here: a readable id and
 from __future__ import annotations
 
 from pyro_nf.testing import TransformContract
-from pyro_nf.transforms import ActNorm, Coupling, LULinear, Permutation, half_mask
+from pyro_nf.transforms import (
+    ActNorm,
+    ContinuousFlow,
+    Coupling,
+    LULinear,
+    Permutation,
+    half_mask,
+)
 
 DIM = 4
 CONTEXT_DIM = 3
@@ -27,6 +34,21 @@ def _coupling(function: str, context_dim: int = 0, mask=None, **kwargs):
 
     return factory
 
+
+def _continuous(context_dim: int = 0, **kwargs):
+    # float64 checks need tight solver tolerances; a tiny field in two dimensions keeps
+    # each solve (and the D adjoint solves of an autograd Jacobian) fast.
+    def factory():
+        return ContinuousFlow(
+            CNF_DIM, hidden_dims=(8,), context_dim=context_dim, rtol=1e-10, atol=1e-10, **kwargs
+        )
+
+    return factory
+
+
+CNF_DIM = 2
+# The solver's error (about 1e-9 here) bounds round trips and log-dets.
+ODE_TOLERANCES = {"round_trip_tolerance": 1e-7, "log_det_tolerance": 1e-6}
 
 CASES: dict[str, TransformContract] = {
     "coupling-affine": TransformContract(_coupling("affine"), DIM),
@@ -48,4 +70,11 @@ CASES: dict[str, TransformContract] = {
     "permutation-reverse": TransformContract(lambda: Permutation.reverse(DIM), DIM),
     "actnorm": TransformContract(lambda: ActNorm(DIM), DIM),
     "lu-linear": TransformContract(lambda: LULinear(DIM, permutation="random"), DIM),
+    "cnf-exact": TransformContract(_continuous(), CNF_DIM, **ODE_TOLERANCES),
+    "cnf-conditional": TransformContract(
+        _continuous(CONTEXT_DIM), CNF_DIM, CONTEXT_DIM, **ODE_TOLERANCES
+    ),
+    "cnf-learned-time-softplus": TransformContract(
+        _continuous(learn_time=True, time=0.5, activation="softplus"), CNF_DIM, **ODE_TOLERANCES
+    ),
 }

@@ -1,6 +1,15 @@
-"""Conditioner networks: they produce the parameters of coupling functions and know
-nothing about flows."""
+"""Conditioner networks: they produce the parameters of coupling functions (MLP) or the
+vector field of an ODE (ODEDynamics, NeuralODE), and know nothing about flows."""
 
+from pyro_nf.nn.dynamics import ConcatSquashLinear, ODEDynamics
 from pyro_nf.nn.mlp import MLP, activation_module
+from pyro_nf.nn.neural_ode import NeuralODE, SolveStatistics
 
-__all__ = ["MLP", "activation_module"]
+__all__ = [
+    "MLP",
+    "ConcatSquashLinear",
+    "NeuralODE",
+    "ODEDynamics",
+    "SolveStatistics",
+    "activation_module",
+]

@@ -2,6 +2,13 @@
 and glue layers."""
 
 from pyro_nf.transforms.base import ConditionedTransform, FlowTransform, PairCache
+from pyro_nf.transforms.continuous import (
+    ContinuousFlow,
+    collect_regularization,
+    draw_probe,
+    exact_trace,
+    hutchinson_trace,
+)
 from pyro_nf.transforms.coupling import Coupling, half_mask
 from pyro_nf.transforms.coupling_functions import (
     Additive,
@@ -17,6 +24,7 @@ __all__ = [
     "Additive",
     "Affine",
     "ConditionedTransform",
+    "ContinuousFlow",
     "Coupling",
     "CouplingFunction",
     "FlowTransform",
@@ -24,6 +32,10 @@ __all__ = [
     "PairCache",
     "Permutation",
     "RationalQuadraticSpline",
+    "collect_regularization",
     "coupling_function",
+    "draw_probe",
+    "exact_trace",
     "half_mask",
+    "hutchinson_trace",
 ]
