@@ -83,7 +83,11 @@ class AutoFlow(AutoContinuous):
             ``TransformModule`` if it has parameters) or a :class:`~pyro_nf.Flow`.
         init_loc_fn: a per-site initialization of ``mu`` (Pyro's
             ``init_to_median`` by default).
-        init_scale: the initial ``sigma``, a positive float.
+        init_scale: the initial ``sigma``, a positive float. The default 0.1 (that of
+            Pyro's ``AutoNormal``) keeps the first draws near the init location, which
+            suits narrow posteriors; when the posterior's scale is of order one, 1.0
+            trains markedly faster, because with a small ``sigma`` the flow layers take
+            over the scaling (``benchmarks/guides.py --init-scale``).
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``).
 

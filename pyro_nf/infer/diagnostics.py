@@ -147,8 +147,10 @@ def importance_draws(
     """Guide draws, vectorized over particles, and their log importance weights.
 
     Arguments:
-        model, guide: the Pyro model and guide (vectorizable: static structure).
-        *args, **kwargs: the model's arguments.
+        model: the Pyro model (vectorizable: static structure).
+        guide: the guide.
+        *args: the model's positional arguments.
+        **kwargs: the model's keyword arguments.
         num_samples: S.
         batch_size: draws per vectorized pass (default: all S at once).
         max_plate_nesting: the model's plate nesting (guessed from one trace if None).
@@ -207,9 +209,11 @@ def psis_diagnostic(
     (:meth:`PSISResult.expectation`) and an ArviZ export come with it.
 
     Arguments:
-        model, guide: the Pyro model and a trained guide (static structure; the draws
-            are vectorized over a particle plate).
-        *args, **kwargs: the model's arguments (the keyword names below are taken).
+        model: the Pyro model (static structure: the draws are vectorized over a
+            particle plate).
+        guide: a trained guide.
+        *args: the model's positional arguments.
+        **kwargs: the model's keyword arguments (the keyword names below are taken).
         num_samples: S, the number of guide draws (a few thousand for a stable k-hat).
         batch_size: draws per vectorized pass, to bound memory.
         max_plate_nesting: the model's plate nesting (guessed if None).
@@ -280,6 +284,18 @@ def to_inference_data(
     ``az.plot_pair`` work on it; the draws are the guide's, not reweighted. The
     ``sample_stats`` group holds ``log_weight``, :math:`\\log p(x, z) - \\log q(z)` of
     each draw, for reweighting (see :func:`psis_diagnostic`).
+
+    Arguments:
+        model: the Pyro model.
+        guide: a trained guide.
+        *args: the model's positional arguments.
+        **kwargs: the model's keyword arguments.
+        num_samples: the number of draws.
+        batch_size: draws per vectorized pass.
+        max_plate_nesting: the model's plate nesting (guessed if None).
+
+    Returns:
+        an ``arviz.InferenceData`` with ``posterior`` and ``sample_stats`` groups.
 
     Example:
         >>> import pyro.distributions as dist
