@@ -19,6 +19,7 @@ each item's posterior (the VAE pattern).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -123,7 +124,10 @@ class AutoFlow(AutoContinuous):
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(flow, str):
-            _builder(flow)
+            try:
+                inspect.signature(_builder(flow)).bind(dim=1, **flow_kwargs)
+            except TypeError as error:
+                raise TypeError(f"bad keyword arguments for flow {flow!r}: {error}") from None
         elif not callable(flow):
             raise TypeError(
                 f"flow must be one of {FLOW_FAMILIES} or a callable, got {type(flow).__name__}"
