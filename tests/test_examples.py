@@ -203,8 +203,8 @@ def test_svi_guides_quick(tmp_path):
             assert math.isfinite(row["ELBO"]) and math.isfinite(row["k-hat"])
         for model in ("banana", "funnel", "logistic"):
             assert (tmp_path / f"pairs_{model}.png").is_file()
+        assert_files(result)
     assert all(math.isfinite(row["ELBO"]) for row in result["rows"])
-    assert_files(result)
 
 
 def test_neutra_hmc_quick(tmp_path):
