@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are written to files only; never open a window
 
-import pyro_nf  # noqa: E402
+try:
+    import pyro_nf
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import pyro_nf
 import pyro_nf.flows  # noqa: E402
 
 #: The flow families the examples know, and the builder each one uses.
@@ -79,11 +84,6 @@ def build_flow(
     if family != "cnf":
         kwargs.setdefault("num_layers", num_layers)
     return builder(dim=dim, context_dim=context_dim, hidden_dims=tuple(hidden_dims), **kwargs)
-
-
-def fit_function() -> Callable[..., object] | None:
-    """``pyro_nf.fit`` when the package has it, else ``None``."""
-    return getattr(pyro_nf, "fit", None)
 
 
 def output_directory(path: str | None, example: str) -> Path:

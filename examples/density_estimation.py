@@ -40,14 +40,13 @@ from common import (  # noqa: E402
     available_families,
     base_parser,
     build_flow,
-    fit_function,
     format_table,
     output_directory,
     progress_enabled,
     write_json,
 )
 
-import pyro_nf  # noqa: E402
+from pyro_nf import fit  # noqa: E402
 from pyro_nf.datasets import TOY_DENSITIES, toy_density, train_test_split  # noqa: E402
 
 FAMILIES = ("gaussian", "realnvp", "spline", "maf", "iaf", "cnf")
@@ -68,29 +67,6 @@ class GaussianBaseline:
         return self.distribution.log_prob(x)
 
 
-def train_flow(flow: pyro_nf.Flow, data: Tensor, args: argparse.Namespace, label: str) -> None:
-    """Maximum likelihood with Adam on random mini-batches: ``pyro_nf.fit`` if present."""
-    fit = fit_function()
-    show = progress_enabled(args)
-    if fit is not None:
-        fit(flow, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, progress=show)
-        return
-    optimizer = torch.optim.Adam(flow.parameters(), lr=args.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(args.steps), desc=label, leave=False, disable=not show)
-    for _ in bar:
-        batch = data[torch.randint(len(data), (args.batch_size,), generator=generator)]
-        loss = -flow.log_prob(batch).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{label}: the loss became {loss.item()}")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(nll=f"{loss.item():.3f}")
-
-
 def make_model(family: str, train: Tensor, args: argparse.Namespace) -> object:
     """A fitted model of ``family`` (``gaussian`` or a flow family) on ``train``."""
     if family == "gaussian":
@@ -98,7 +74,17 @@ def make_model(family: str, train: Tensor, args: argparse.Namespace) -> object:
     flow = build_flow(
         family, train.shape[1], num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2
     )
-    train_flow(flow, train, args, family)
+    # Maximum likelihood with early stopping on a 10% validation split of the training data.
+    fit(
+        flow,
+        train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        progress=progress_enabled(args),
+    )
     flow.eval()
     return flow
 
@@ -174,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="a .npy or .csv table instead of the toys")
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-test", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--patience", type=int, default=20, help="early-stopping patience")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--flow-layers", type=int, default=6)
@@ -184,7 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.densities is None:
         args.densities = ["two_moons", "checkerboard"] if args.quick else sorted(TOY_DENSITIES)
     if args.quick:
-        args.num_train, args.num_test, args.steps = 256, 128, 10
+        args.num_train, args.num_test, args.epochs = 256, 128, 2
         args.flow_layers, args.hidden, args.resolution = 2, 16, 24
     return args
 
@@ -199,7 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[density] flow family {family!r} is not available in this pyro_nf: skipped")
     if "gaussian" in args.families:
         families.insert(0, "gaussian")
-    print("[density] training with " + ("pyro_nf.fit" if fit_function() else "a local Adam loop"))
 
     if args.data:
         table = load_table(args.data)
