@@ -6,7 +6,7 @@ owns its base distribution and gives a Pyro distribution when called.
 """
 
 from pyro_nf import datasets, infer, nn, transforms
-from pyro_nf.flows import Flow, cnf, realnvp
+from pyro_nf.flows import Flow, cnf, iaf, maf, realnvp
 from pyro_nf.infer import (
     AmortizedFlowGuide,
     AutoFlow,
@@ -24,7 +24,9 @@ from pyro_nf.transforms import (
     ContinuousFlow,
     Coupling,
     FlowTransform,
+    InverseAutoregressive,
     LULinear,
+    MaskedAutoregressive,
     Permutation,
     RationalQuadraticSpline,
 )
@@ -42,7 +44,9 @@ __all__ = [
     "FitHistory",
     "Flow",
     "FlowTransform",
+    "InverseAutoregressive",
     "LULinear",
+    "MaskedAutoregressive",
     "NonFiniteLossError",
     "PSISResult",
     "Permutation",
@@ -50,7 +54,9 @@ __all__ = [
     "cnf",
     "datasets",
     "fit",
+    "iaf",
     "infer",
+    "maf",
     "nn",
     "psis_diagnostic",
     "realnvp",

@@ -25,12 +25,17 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_nf.transforms.autoregressive import (
+    Autoregressive,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+)
 from pyro_nf.transforms.continuous import ContinuousFlow
 from pyro_nf.transforms.coupling import Coupling, half_mask
 from pyro_nf.transforms.coupling_functions import CouplingFunction, coupling_function
 from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 
-__all__ = ["Flow", "cnf", "realnvp", "permutation_layer"]
+__all__ = ["Flow", "cnf", "iaf", "maf", "realnvp", "permutation_layer"]
 
 
 class Flow(nn.Module):
@@ -299,3 +304,155 @@ def cnf(
             )
         )
     return Flow(layers, dim, context_dim)
+
+
+def _autoregressive_flow(
+    layer_class: type[Autoregressive],
+    dim: int,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int,
+    coupling: str | CouplingFunction,
+    coupling_kwargs: dict | None,
+    permutation: str | None,
+    order: str | Sequence[int] | Tensor,
+    activation: str,
+    residual: bool,
+    seed: int,
+) -> Flow:
+    _check_builder_args(dim, num_layers, context_dim)
+    function = coupling_function(coupling, **(coupling_kwargs or {}))
+    layers: list[Transform] = []
+    for i in range(num_layers):
+        layers.append(
+            layer_class(
+                dim,
+                function,
+                hidden_dims=hidden_dims,
+                context_dim=context_dim,
+                order=order,
+                seed=seed + i,
+                activation=activation,
+                residual=residual,
+            )
+        )
+        glue = permutation_layer(permutation, dim, seed + i) if i < num_layers - 1 else None
+        if glue is not None:
+            layers.append(glue)
+    return Flow(layers, dim, context_dim)
+
+
+def maf(
+    dim: int,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    context_dim: int = 0,
+    coupling: str | CouplingFunction = "affine",
+    coupling_kwargs: dict | None = None,
+    permutation: str | None = "reverse",
+    order: str | Sequence[int] | Tensor = "natural",
+    activation: str = "relu",
+    residual: bool = False,
+    seed: int = 0,
+) -> Flow:
+    r"""A masked autoregressive flow: a stack of :class:`MaskedAutoregressive` layers.
+
+    Each layer is :math:`x_d = h(z_d;\ g_d(x_{<d}))` with a MADE conditioner ``g``.
+    Direction: x -> z (density, ``log_prob``) is one pass per layer; z -> x (sampling)
+    is D sequential passes per layer. The choice for density estimation.
+
+    Arguments:
+        dim: the event size D (1 is allowed).
+        num_layers: the number of autoregressive layers.
+        hidden_dims: hidden sizes of each layer's MADE.
+        context_dim: context size for a conditional flow (0: unconditional).
+        coupling: ``"affine"``, ``"additive"``, ``"spline"`` (rational-quadratic) or a
+            :class:`CouplingFunction`.
+        coupling_kwargs: keyword arguments of the coupling function (e.g.
+            ``{"num_bins": 8, "bound": 3.0}`` for the spline).
+        permutation: a glue layer after every layer but the last: ``"reverse"``
+            (default), ``"random"``, ``"lu"`` or ``None``.
+        order: the autoregressive order inside each layer: ``"natural"`` (default),
+            ``"reverse"``, ``"random"`` (seeded per layer) or an explicit permutation.
+        activation: the conditioners' activation.
+        residual: residual hidden layers in the conditioners (equal hidden sizes).
+        seed: seed of random orders and permutations.
+
+    Returns:
+        a :class:`Flow` whose ``transform`` maps z -> x.
+
+    References:
+        Masked Autoregressive Flow for Density Estimation (Papamakarios et al., 2017),
+        arXiv:1705.07057.
+
+    Example:
+        >>> flow = maf(dim=2, num_layers=3, hidden_dims=(32, 32))
+        >>> flow.log_prob(torch.randn(10, 2)).shape
+        torch.Size([10])
+    """
+    return _autoregressive_flow(
+        MaskedAutoregressive,
+        dim,
+        num_layers,
+        hidden_dims,
+        context_dim,
+        coupling,
+        coupling_kwargs,
+        permutation,
+        order,
+        activation,
+        residual,
+        seed,
+    )
+
+
+def iaf(
+    dim: int,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    context_dim: int = 0,
+    coupling: str | CouplingFunction = "affine",
+    coupling_kwargs: dict | None = None,
+    permutation: str | None = "reverse",
+    order: str | Sequence[int] | Tensor = "natural",
+    activation: str = "relu",
+    residual: bool = False,
+    seed: int = 0,
+) -> Flow:
+    r"""An inverse autoregressive flow: a stack of :class:`InverseAutoregressive` layers.
+
+    Each layer is :math:`x_d = h(z_d;\ g_d(z_{<d}))` with a MADE conditioner ``g``.
+    Direction: z -> x (sampling, ``rsample``) is one pass per layer, and the
+    log-density of the flow's own draws comes from the cache; x -> z (density of other
+    points) is D sequential passes per layer. The choice for variational posteriors.
+
+    Arguments: as for :func:`maf`.
+
+    Returns:
+        a :class:`Flow` whose ``transform`` maps z -> x.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al.,
+        2016), arXiv:1606.04934.
+
+    Example:
+        >>> flow = iaf(dim=2, num_layers=3, hidden_dims=(32, 32))
+        >>> d = flow()
+        >>> x = d.rsample((10,))
+        >>> d.log_prob(x).shape
+        torch.Size([10])
+    """
+    return _autoregressive_flow(
+        InverseAutoregressive,
+        dim,
+        num_layers,
+        hidden_dims,
+        context_dim,
+        coupling,
+        coupling_kwargs,
+        permutation,
+        order,
+        activation,
+        residual,
+        seed,
+    )

@@ -11,7 +11,9 @@ from pyro_nf.transforms import (
     ActNorm,
     ContinuousFlow,
     Coupling,
+    InverseAutoregressive,
     LULinear,
+    MaskedAutoregressive,
     Permutation,
     half_mask,
 )
@@ -46,6 +48,48 @@ def _continuous(context_dim: int = 0, **kwargs):
     return factory
 
 
+def _autoregressive(layer_class, function: str, context_dim: int = 0, dim: int = DIM, **kwargs):
+    kwargs = {"hidden_dims": SMALL, "activation": "tanh", **kwargs}
+
+    def factory():
+        return layer_class(dim, function, context_dim=context_dim, **kwargs)
+
+    return factory
+
+
+def _autoregressive_cases() -> dict[str, TransformContract]:
+    cases = {}
+    for prefix, layer_class in (("maf", MaskedAutoregressive), ("iaf", InverseAutoregressive)):
+        for function in ("affine", "additive", "spline"):
+            cases[f"{prefix}-{function}"] = TransformContract(
+                _autoregressive(layer_class, function), DIM
+            )
+        for function in ("affine", "spline"):
+            cases[f"{prefix}-{function}-conditional"] = TransformContract(
+                _autoregressive(layer_class, function, CONTEXT_DIM), DIM, CONTEXT_DIM
+            )
+        cases[f"{prefix}-affine-random-order"] = TransformContract(
+            _autoregressive(layer_class, "affine", order="random", seed=3), DIM
+        )
+        cases[f"{prefix}-spline-random-order-conditional-residual"] = TransformContract(
+            _autoregressive(
+                layer_class, "spline", CONTEXT_DIM, order="random", seed=4, residual=True
+            ),
+            DIM,
+            CONTEXT_DIM,
+        )
+        cases[f"{prefix}-affine-narrow-hidden"] = TransformContract(
+            _autoregressive(layer_class, "affine", dim=6, hidden_dims=(3,)), 6
+        )
+        cases[f"{prefix}-affine-1d"] = TransformContract(
+            _autoregressive(layer_class, "affine", dim=1), 1
+        )
+        cases[f"{prefix}-spline-1d-conditional"] = TransformContract(
+            _autoregressive(layer_class, "spline", CONTEXT_DIM, dim=1), 1, CONTEXT_DIM
+        )
+    return cases
+
+
 CNF_DIM = 2
 # The solver's error (about 1e-9 here) bounds round trips and log-dets.
 ODE_TOLERANCES = {"round_trip_tolerance": 1e-7, "log_det_tolerance": 1e-6}
@@ -77,4 +121,5 @@ CASES: dict[str, TransformContract] = {
     "cnf-learned-time-softplus": TransformContract(
         _continuous(learn_time=True, time=0.5, activation="softplus"), CNF_DIM, **ODE_TOLERANCES
     ),
+    **_autoregressive_cases(),
 }

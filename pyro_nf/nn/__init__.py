@@ -1,15 +1,20 @@
-"""Conditioner networks: they produce the parameters of coupling functions (MLP) or the
-vector field of an ODE (ODEDynamics, NeuralODE), and know nothing about flows."""
+"""Conditioner networks: they produce the parameters of coupling functions (MLP, MADE) or
+the vector field of an ODE (ODEDynamics, NeuralODE), and know nothing about flows."""
 
 from pyro_nf.nn.dynamics import ConcatSquashLinear, ODEDynamics
+from pyro_nf.nn.made import MADE, AutoregressiveSteps, MaskedLinear, autoregressive_order
 from pyro_nf.nn.mlp import MLP, activation_module
 from pyro_nf.nn.neural_ode import NeuralODE, SolveStatistics
 
 __all__ = [
+    "MADE",
     "MLP",
+    "AutoregressiveSteps",
     "ConcatSquashLinear",
+    "MaskedLinear",
     "NeuralODE",
     "ODEDynamics",
     "SolveStatistics",
     "activation_module",
+    "autoregressive_order",
 ]

@@ -1,6 +1,11 @@
 """Transforms: the structures (coupling, autoregressive, continuous), coupling functions
 and glue layers."""
 
+from pyro_nf.transforms.autoregressive import (
+    Autoregressive,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+)
 from pyro_nf.transforms.base import ConditionedTransform, FlowTransform, PairCache
 from pyro_nf.transforms.continuous import (
     ContinuousFlow,
@@ -23,12 +28,15 @@ __all__ = [
     "ActNorm",
     "Additive",
     "Affine",
+    "Autoregressive",
     "ConditionedTransform",
     "ContinuousFlow",
     "Coupling",
     "CouplingFunction",
     "FlowTransform",
+    "InverseAutoregressive",
     "LULinear",
+    "MaskedAutoregressive",
     "PairCache",
     "Permutation",
     "RationalQuadraticSpline",
