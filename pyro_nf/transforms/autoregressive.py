@@ -33,6 +33,9 @@ class Autoregressive(FlowTransform):
     sequential pass is one loop for both flows (MAF sampling, IAF inversion): only the
     direction of ``h`` differs.
 
+    Direction: for MAF (``u = x``) x -> z is the parallel pass and z -> x the
+    sequential one; for IAF (``u = z``) z -> x is parallel and x -> z sequential.
+
     Arguments:
         dim: the event size D.
         coupling_function: ``h``, an instance or ``"affine"``, ``"additive"``, ``"spline"``.
@@ -45,6 +48,14 @@ class Autoregressive(FlowTransform):
         residual: residual hidden layers in the conditioner.
         conditioner: a :class:`~pyro_nf.nn.MADE` to use instead of the default one; it
             must have ``dim``, ``context_dim`` and ``h.num_params`` matching.
+
+    Example:
+        >>> maf_layer = MaskedAutoregressive(4, "additive", hidden_dims=(16,))
+        >>> x = torch.randn(3, 4)
+        >>> z, log_det = maf_layer.inverse_and_log_det(x)  # parallel
+        >>> x_again, _ = maf_layer.forward_and_log_det(z)  # sequential: 4 passes
+        >>> torch.allclose(x_again, x, atol=1e-6), log_det.shape
+        (True, torch.Size([3]))
     """
 
     autoregressive = True
