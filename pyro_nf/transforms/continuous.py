@@ -212,7 +212,7 @@ class ContinuousFlow(FlowTransform):
         rtol: the solver's relative tolerance.
         atol: the solver's absolute tolerance.
         options: solver options (``{"step_size": ...}`` for fixed-step solvers).
-        adjoint_options: options of the adjoint solve (see
+        adjoint_options: options of the adjoint solve (default: the seminorm, see
             :class:`~pyro_nf.nn.NeuralODE`).
         cache_size: 1 keeps the last pair and its log-det, 0 nothing.
 
