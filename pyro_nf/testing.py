@@ -356,6 +356,24 @@ class TransformContract:
             (-log_prob.mean()).backward()
             optimizer.step()
 
+    def check_backward_twice_without_step(self) -> None:
+        """Two log_prob + backward rounds on one data tensor, no step between: no error.
+
+        The cache must not hand out a value whose graph the first backward freed, and
+        the second round must give the same log-density.
+        """
+        transform = self.make(dtype=torch.float32)
+        x_data, context = self.inputs(batch_shape=(8,), dtype=torch.float32, seed=7)
+        bound = self.bind(transform, context)
+        distribution = dist.TransformedDistribution(self.base(x_data), [bound])
+        values = []
+        for _ in range(2):
+            log_prob = distribution.log_prob(x_data)
+            if log_prob.requires_grad:
+                log_prob.sum().backward()
+            values.append(log_prob.detach())
+        self._assert_close(values[1], values[0], 1e-6, "second log_prob")
+
     def check_shape_errors(self) -> None:
         """A wrong last dimension (or context) raises a ValueError naming both sizes."""
         transform = self.make()

@@ -33,3 +33,6 @@ def pytest_configure(config):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
+    # The tests' tensors are small: one thread is as fast, and on a shared machine it
+    # avoids the stalls of oversubscribed OpenMP threads.
+    torch.set_num_threads(int(os.environ.get("PYRO_NF_TEST_THREADS", "1")))

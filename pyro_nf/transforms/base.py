@@ -16,6 +16,7 @@ triple so that ``x = t(z)`` followed by ``t.log_abs_det_jacobian(z, x)`` (or
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import torch
 from pyro.distributions.conditional import ConditionalTransform
@@ -45,6 +46,11 @@ class PairCache:
     buffer, the context, and whether gradients were being recorded. An optimizer step,
     ``load_state_dict`` or an in-place edit of the input bumps a version counter, so the
     entry no longer matches and the value is recomputed.
+
+    A backward pass through a cached tensor frees its graph, so the cache also forgets
+    the entry as soon as a gradient flows through any of its tensors (a tensor hook):
+    computing the same ``log_prob`` twice with a ``backward()`` after each, without an
+    optimizer step in between, never meets "backward through the graph a second time".
     """
 
     def __init__(self) -> None:
@@ -53,12 +59,27 @@ class PairCache:
     def clear(self) -> None:
         self._entry = None
 
+    def _forget_on_backward(self, tensors: tuple[Tensor, ...]) -> None:
+        entry = self._entry
+        cache = weakref.ref(self)  # no reference cycle through the tensors' hooks
+
+        def forget(grad: Tensor) -> None:
+            owner = cache()
+            if owner is not None and owner._entry is entry:
+                owner._entry = None
+
+        for tensor in tensors:
+            if tensor.grad_fn is not None:
+                tensor.register_hook(forget)
+
     @staticmethod
     def _stamp(z: Tensor, x: Tensor, state: tuple) -> tuple:
         return (_version_of(z), _version_of(x), torch.is_grad_enabled(), state)
 
     def store(self, z: Tensor, x: Tensor, log_det: Tensor, state: tuple) -> None:
         self._entry = (z, x, log_det, self._stamp(z, x, state))
+        if torch.is_grad_enabled():
+            self._forget_on_backward((z, x, log_det))
 
     def _valid_entry(self, state: tuple) -> tuple[Tensor, Tensor, Tensor] | None:
         if self._entry is None:
