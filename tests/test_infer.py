@@ -323,10 +323,11 @@ def conjugate_model(x):
         pyro.sample("x", dist.Normal(z, SIGMA).to_event(1), obs=x)
 
 
-def test_amortized_guide_recovers_conjugate_posterior():
+@pytest.mark.parametrize("family", [family_param("realnvp"), family_param("iaf")])
+def test_amortized_guide_recovers_conjugate_posterior(family):
     pyro.set_rng_seed(0)
     x = torch.randn(32, DATA_DIM) * math.sqrt(1 + SIGMA**2)
-    flow = flows.realnvp(DATA_DIM, context_dim=4, num_layers=2, hidden_dims=(16,))
+    flow = getattr(flows, family)(DATA_DIM, context_dim=4, **small_kwargs(family))
     guide = AmortizedFlowGuide(conjugate_model, nn.Linear(DATA_DIM, 4), flow, site="z")
     svi = SVI(
         conjugate_model,
