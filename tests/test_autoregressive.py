@@ -26,15 +26,6 @@ def perturb(module, scale=0.3, seed=0):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    # Small networks on a shared machine: a second thread only adds contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------- MADE
 MADE_CONFIGS = {
     "natural": {"dim": 5, "hidden_dims": (16, 16)},
@@ -332,7 +323,7 @@ def test_1d_flow_density_integrates_to_one(kind, coupling):
     assert draws.shape == (50, 1) and bool(torch.isfinite(draws).all())
 
 
-def test_1d_maf_fits_a_shifted_normal(one_thread):
+def test_1d_maf_fits_a_shifted_normal():
     data = 3.0 + 0.5 * torch.randn(500, 1)
     flow = pyro_nf.maf(1, num_layers=1, hidden_dims=(8,), permutation=None)
     optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
@@ -428,13 +419,13 @@ def fit_maf_to_two_moons(steps, coupling, num_points=1500, lr=5e-3):
     return flow_log_likelihood, float(gaussian.log_prob(test).mean())
 
 
-def test_maf_in_a_pyro_model_beats_a_gaussian_on_two_moons(one_thread):
+def test_maf_in_a_pyro_model_beats_a_gaussian_on_two_moons():
     flow_ll, gaussian_ll = fit_maf_to_two_moons(steps=300, coupling="affine")
     assert flow_ll > gaussian_ll + 0.4, (flow_ll, gaussian_ll)
 
 
 @pytest.mark.slow
-def test_spline_maf_in_a_pyro_model_fits_two_moons_well(one_thread):
+def test_spline_maf_in_a_pyro_model_fits_two_moons_well():
     # More data than the quick test: a spline flow overfits 1000 points.
     flow_ll, gaussian_ll = fit_maf_to_two_moons(500, "spline", num_points=6000, lr=3e-3)
     assert flow_ll > gaussian_ll + 0.55, (flow_ll, gaussian_ll)
