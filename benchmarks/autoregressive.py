@@ -199,7 +199,7 @@ def main() -> None:
         for coupling in args.couplings
         for row in rows_for(dim, coupling, batch, layers, hidden, device)
     ]
-    results = run_rows(rows, min_run_time=args.min_run_time, device=args.device)
+    results = run_rows(rows, min_run_time=args.min_run_time, device=args.device, rounds=args.rounds)
     sequential_costs(results)
 
 

@@ -36,8 +36,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_rows(rows: list[Row], min_run_time: float = 1.0, device: str = "cpu") -> list[dict]:
-    """Time every row (ours and reference alternately) and print a table of medians."""
+def run_rows(
+    rows: list[Row], min_run_time: float = 1.0, device: str = "cpu", rounds: int = 1
+) -> list[dict]:
+    """Time every row (ours and reference alternately) and print a table of medians.
+
+    With ``rounds > 1`` each side is timed that many times, alternating, and the
+    smallest median is kept: on a shared machine, load from other processes only ever
+    adds time. A row whose single calls are long (over ``5 * min_run_time``) averages
+    such load out by itself and is timed once.
+    """
     results = []
     header = f"{'operation':<46} {'pyro_nf (ms)':>13} {'reference (ms)':>15} {'ratio':>7}"
     print(header)
@@ -45,6 +53,11 @@ def run_rows(rows: list[Row], min_run_time: float = 1.0, device: str = "cpu") ->
     for row in rows:
         ours = median_seconds(row.ours, min_run_time)
         reference = median_seconds(row.reference, min_run_time)
+        for _ in range(rounds - 1):
+            if min(ours, reference) > 5 * min_run_time:
+                break
+            ours = min(ours, median_seconds(row.ours, min_run_time))
+            reference = min(reference, median_seconds(row.reference, min_run_time))
         ratio = ours / reference
         results.append(
             {
@@ -67,4 +80,7 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=4096, help="batch size")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate timings per row, keep the fastest"
+    )
     return parser

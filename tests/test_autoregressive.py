@@ -107,12 +107,14 @@ def test_made_starts_close_to_zero_output():
     assert made(torch.randn(10, 4)).abs().max() < 0.1
 
 
-def test_made_masks_are_buffers_applied_once():
+def test_made_masks_are_buffers_of_the_weight_dtype():
     made = MADE(3, num_params=2, hidden_dims=(8,))
     buffers = dict(made.named_buffers())
     assert {"order", "rank", "layers.0.mask", "output.mask"} <= set(buffers)
-    assert all(b.dtype in (torch.bool, torch.long) for b in buffers.values())
+    assert buffers["order"].dtype == torch.long and buffers["output.mask"].dtype == torch.float32
+    assert set(buffers["output.mask"].unique().tolist()) == {0.0, 1.0}
     made.double()
+    assert made.output.mask.dtype == torch.float64
     assert made(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
 
 

@@ -66,8 +66,9 @@ def _hidden_degrees(width: int, dim: int, lowest: int) -> Tensor:
 class MaskedLinear(nn.Linear):
     r"""A linear layer whose weight is multiplied by a fixed 0/1 mask: :math:`y = (W \odot M) u + b`.
 
-    The mask is a boolean buffer (it follows ``.to(device)`` and keeps its dtype under
-    ``.double()``); it is applied once per call, not per sample.
+    The mask is a 0/1 buffer of the weight's dtype (it follows ``.to(device)`` and
+    ``.double()``; multiplying by a boolean mask is several times slower), applied once
+    per call, not per sample.
 
     Example:
         >>> layer = MaskedLinear(2, 2, torch.tensor([[True, False], [True, True]]))
@@ -81,7 +82,7 @@ class MaskedLinear(nn.Linear):
             raise ValueError(
                 f"expected a mask of shape {(out_features, in_features)}, got {tuple(mask.shape)}"
             )
-        self.register_buffer("mask", mask.to(torch.bool))
+        self.register_buffer("mask", mask.to(self.weight.dtype))
 
     @property
     def masked_weight(self) -> Tensor:
