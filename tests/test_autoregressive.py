@@ -91,15 +91,19 @@ def test_made_1d_without_context_is_a_learned_constant():
     assert made.output.bias.grad is not None and made.output.bias.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("config", list(MADE_CONFIGS))
-def test_made_steps_equal_the_full_network(config):
+def test_made_steps_equal_the_full_network(config, grad):
     made = make_made(config)
     u, context = made_inputs(made, batch=4)
-    full = made(u, context)
-    steps = made.steps(context, u)
-    for i, variable in enumerate(made.order.tolist()):
-        torch.testing.assert_close(steps.params(i), full[:, variable], rtol=1e-12, atol=1e-12)
-        steps.feed(i, u[:, variable])
+    with torch.set_grad_enabled(grad):
+        full = made(u, context)
+        steps = made.steps(context, u)
+        for i, variable in enumerate(made.order.tolist()):
+            params = steps.params(i)
+            torch.testing.assert_close(params, full[:, variable], rtol=1e-12, atol=1e-12)
+            steps.feed(i, u[:, variable])
+    assert params.requires_grad == grad
 
 
 def test_made_starts_close_to_zero_output():

@@ -283,6 +283,11 @@ class AutoregressiveSteps:
             self.pre_activation = F.linear(context, weight[:, dim:], first.bias)
         else:
             self.pre_activation = first.bias.expand(batch, -1)
+        # Without autograd the pre-activation can be updated in place (a fresh copy of
+        # the batch-sized array per position was a quarter of the loop's time).
+        self.in_place = not torch.is_grad_enabled()
+        if self.in_place:
+            self.pre_activation = self.pre_activation.contiguous()
         self.hidden = [(layer.masked_weight, layer.bias) for layer in list(made.layers)[1:]]
         if made.layers:
             width = made.output.weight.shape[-1]
@@ -306,6 +311,8 @@ class AutoregressiveSteps:
 
     def feed(self, i: int, value: Tensor) -> None:
         """Give the value ``(B,)`` of the variable at position ``i`` of the order."""
-        self.pre_activation = torch.addmm(
-            self.pre_activation, value.unsqueeze(-1), self.input_rows[i : i + 1]
-        )
+        column, row = value.unsqueeze(-1), self.input_rows[i : i + 1]
+        if self.in_place:
+            self.pre_activation.addmm_(column, row)
+        else:
+            self.pre_activation = torch.addmm(self.pre_activation, column, row)
