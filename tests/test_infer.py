@@ -108,6 +108,13 @@ def test_autoflow_samples_every_site_in_its_support():
     assert bool((sample["b"] > 0).all())
 
 
+@pytest.mark.skipif(not hasattr(flows, "iaf"), reason="no pyro_nf.flows.iaf yet")
+def test_autoflow_default_flow_is_iaf():
+    guide = AutoFlow(two_site_model)
+    guide()
+    assert any(type(layer).__name__ == "InverseAutoregressive" for layer in guide.flow.layers)
+
+
 def test_autoflow_registers_flow_parameters_with_the_param_store():
     guide = AutoFlow(two_site_model, flow="realnvp", **SMALL)
     guide()
@@ -440,6 +447,18 @@ def test_psis_matches_direct_computation():
     # A wide guide reweighted is a good estimator of the exact posterior moments.
     assert float(result.mean()["z"]) == pytest.approx(POSTERIOR_MEAN, abs=0.05)
     assert float(result.variance()["z"]) == pytest.approx(POSTERIOR_STD**2, rel=0.1)
+
+
+@pytest.mark.parametrize("guide_scale", [1.3, 0.5], ids=["wide-guide", "narrow-guide"])
+def test_psis_khat_agrees_with_pyro(guide_scale):
+    from pyro.infer.importance import psis_diagnostic as pyro_psis_diagnostic
+
+    guide = normal_guide(POSTERIOR_MEAN, guide_scale * POSTERIOR_STD)
+    pyro.set_rng_seed(3)
+    ours = psis_diagnostic(scalar_model, guide, num_samples=2000, max_plate_nesting=0)
+    pyro.set_rng_seed(3)
+    theirs = pyro_psis_diagnostic(scalar_model, guide, num_particles=2000, max_plate_nesting=0)
+    assert ours.khat == pytest.approx(theirs, abs=1e-3)
 
 
 def test_psis_expectation_rejects_wrong_shape():
