@@ -123,7 +123,7 @@ class Autoregressive(FlowTransform):
         made = self.conditioner
         steps = made.steps(context, flat)
         h_pass = self.coupling_function.inverse if inverse else self.coupling_function.forward
-        v_in_order = flat[:, made.order]
+        v_in_order = flat.index_select(-1, made.order)
         outputs: list[Tensor] = []
         log_derivatives: list[Tensor] = []
         for i in range(self.dim):
@@ -133,7 +133,7 @@ class Autoregressive(FlowTransform):
             log_derivatives.append(log_derivative)
             if i < self.dim - 1:
                 steps.feed(i, u_i.squeeze(-1))
-        u = torch.cat(outputs, dim=-1)[:, made.rank]
+        u = torch.cat(outputs, dim=-1).index_select(-1, made.rank)
         log_det = torch.cat(log_derivatives, dim=-1).sum(-1)
         return u.reshape(v.shape), log_det.reshape(batch_shape)
 

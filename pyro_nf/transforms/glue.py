@@ -51,12 +51,13 @@ class Permutation(FlowTransform):
     def forward_and_log_det(
         self, z: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return z[..., self.permutation], zeros_like_batch(z)
+        # index_select: several times faster than advanced indexing, also in backward.
+        return z.index_select(-1, self.permutation), zeros_like_batch(z)
 
     def inverse_and_log_det(
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        return x[..., self.inverse_permutation], zeros_like_batch(x)
+        return x.index_select(-1, self.inverse_permutation), zeros_like_batch(x)
 
 
 class ActNorm(FlowTransform):
