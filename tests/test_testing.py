@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyro_nf.testing import TransformContract
-from pyro_nf.transforms import Coupling, half_mask
+from pyro_nf.transforms import Coupling, PairCache, half_mask
 from pyro_nf.transforms.coupling_functions import Affine
 
 
@@ -28,8 +28,19 @@ class BadInverseAffine(Affine):
         return x * torch.exp(-log_scale), log_scale
 
 
+class IdentityOnlyCache(PairCache):
+    """Pyro's cache: keyed on tensor identity alone, kept across backward passes."""
+
+    def _forget_on_backward(self, tensors):
+        pass
+
+
 class StaleCacheCoupling(Coupling):
     """A coupling layer with Pyro's identity-only cache: stale after a parameter update."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pair_cache = IdentityOnlyCache()
 
     def _cache_state(self, context):
         return None
@@ -52,6 +63,11 @@ def test_wrong_inverse_is_caught():
 def test_stale_identity_cache_is_caught():
     with pytest.raises(AssertionError, match="step 1"):
         contract(cls=StaleCacheCoupling).check_fresh_density_with_same_data_tensor()
+
+
+def test_cache_kept_across_backward_is_caught():
+    with pytest.raises((AssertionError, RuntimeError)):
+        contract(cls=StaleCacheCoupling).check_backward_twice_without_step()
 
 
 def test_good_transform_passes_everything():
