@@ -66,9 +66,10 @@ def test_vae_quick_every_posterior(tmp_path):
     assert_files(result)
 
 
-def test_vae_quick_flow_prior(tmp_path):
-    result = run_quick("vae", tmp_path, "--posterior", "diag", "--prior", "realnvp")
-    assert [row["prior"] for row in result["rows"]] == ["realnvp"]
+@pytest.mark.parametrize("prior", ["realnvp", "maf"])
+def test_vae_quick_flow_prior(tmp_path, prior):
+    result = run_quick("vae", tmp_path, "--posterior", "diag", "--prior", prior)
+    assert [row["prior"] for row in result["rows"]] == [prior]
     assert all(math.isfinite(v) for v in numbers(result["rows"]))
     assert_files(result)
 
