@@ -122,7 +122,10 @@ def plot_grid(
             points[:, 0], points[:, 1], bins=80, range=[[-LIMIT, LIMIT]] * 2, cmap="magma"
         )
         for j, family in enumerate(families, start=1):
-            axes[i, j].imshow(images[name, family], origin="lower", extent=extent, cmap="magma")
+            image = images[name, family]
+            # A robust colour scale: one sharp spike must not turn the rest of the panel black.
+            vmax = float(np.quantile(image, 0.995))
+            axes[i, j].imshow(image, origin="lower", extent=extent, cmap="magma", vmax=vmax)
         axes[i, 0].set_ylabel(name, fontsize=8)
     for j, column in enumerate(columns):
         axes[0, j].set_title(column, fontsize=9)
