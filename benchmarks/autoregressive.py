@@ -31,7 +31,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from common import Row, common_arguments, run_rows, synchronize
+from common import Row, common_arguments, parse_arguments, run_rows, synchronize
 from pyro.nn import AutoRegressiveNN
 
 import pyro_nf
@@ -181,10 +181,7 @@ def main() -> None:
     parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--couplings", nargs="+", default=["affine", "spline"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_arguments(parser)
     device = torch.device(args.device)
     hidden, layers, batch = [256, 256], 5, args.batch
     if args.quick:

@@ -83,4 +83,13 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds", type=int, default=1, help="alternate timings per row, keep the fastest"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line and apply ``--threads``."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from common import Row, common_arguments, median_seconds, run_rows
+from common import Row, common_arguments, median_seconds, parse_arguments, run_rows
 
 import pyro_nf
 from pyro_nf import datasets
@@ -323,15 +323,12 @@ def main() -> None:
         return
     parser = common_arguments(__doc__.splitlines()[0])
     parser.set_defaults(batch=1024)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
         "--match-init", action="store_true", help="scale zuko's last layer like ours"
     )
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_arguments(parser)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
     if zuko is None:
         print("zuko is not installed (pip install zuko): timing pyro_nf alone")

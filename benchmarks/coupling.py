@@ -18,7 +18,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from common import Row, common_arguments, run_rows, synchronize
+from common import Row, common_arguments, parse_arguments, run_rows, synchronize
 
 import pyro_nf
 
@@ -87,7 +87,7 @@ def rows_for(
 def main() -> None:
     parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     device = torch.device(args.device)
     hidden, layers, batch = [256, 256], 8, args.batch
     if args.quick:
@@ -97,7 +97,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     rows = [row for dim in args.dims for row in rows_for(dim, batch, layers, hidden, device)]
-    run_rows(rows, min_run_time=args.min_run_time)
+    run_rows(rows, min_run_time=args.min_run_time, device=args.device, rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ triple so that ``x = t(z)`` followed by ``t.log_abs_det_jacobian(z, x)`` (or
 
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import torch
@@ -209,7 +208,23 @@ class FlowTransform(TransformModule, ConditionalTransform):
 
     def state_versions(self) -> tuple:
         """Version counters of all parameters and buffers: part of every cache stamp."""
-        return tuple(_version_of(t) for t in itertools.chain(self.parameters(), self.buffers()))
+        modules = self.__dict__.get("_state_modules")
+        if modules is None:
+            # Walking the module tree is the expensive part of ``parameters()``; the
+            # tree is fixed after construction, the tensors in it are read every time.
+            modules = self.__dict__["_state_modules"] = tuple(self.modules())
+        return tuple(
+            _version_of(tensor)
+            for module in modules
+            for tensors in (module._parameters, module._buffers)
+            for tensor in tensors.values()
+            if tensor is not None
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, torch.nn.Module):
+            self.__dict__.pop("_state_modules", None)
+        super().__setattr__(name, value)
 
     def _cache_state(self, context: Tensor | None) -> tuple:
         context_key = None if context is None else (id(context), _version_of(context))
@@ -298,6 +313,7 @@ class FlowTransform(TransformModule, ConditionalTransform):
         state = super().__getstate__()
         state["_pair_cache"] = PairCache()
         state["_cached_x_y"] = (None, None)
+        state.pop("_state_modules", None)
         return state
 
     def extra_repr(self) -> str:
