@@ -29,9 +29,25 @@ from pyro.optim import Adam
 from torch import Tensor
 from torch.distributions import Transform
 
-__all__ = ["TransformContract", "CONTRACT_CHECKS"]
+__all__ = ["TransformContract", "CONTRACT_CHECKS", "perturb_parameters"]
 
 BATCH_SHAPES: tuple[tuple[int, ...], ...] = ((), (5,), (4, 3))
+
+
+def perturb_parameters(
+    module: torch.nn.Module, scale: float = 0.3, seed: int = 0
+) -> torch.nn.Module:
+    """Add seeded Gaussian noise of standard deviation ``scale`` to every parameter, in place.
+
+    Flows start near the identity, where wrong log-determinants and inverses hide; the
+    checks move them away first. Returns ``module``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            parameter.add_(scale * noise.to(parameter))
+    return module
 
 
 def _is_conditional(transform: Transform, context_dim: int) -> bool:
@@ -101,11 +117,7 @@ class TransformContract:
             transform = self.factory()
         if isinstance(transform, torch.nn.Module):
             transform = transform.to(device=device, dtype=dtype)
-            generator = torch.Generator().manual_seed(seed + 1)
-            with torch.no_grad():
-                for parameter in transform.parameters():
-                    noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-                    parameter.add_(self.perturb_scale * noise.to(parameter))
+            perturb_parameters(transform, self.perturb_scale, seed + 1)
         return transform
 
     def inputs(

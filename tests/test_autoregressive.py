@@ -11,19 +11,11 @@ from pyro.optim import Adam
 import pyro_nf
 from pyro_nf.datasets import train_test_split, two_moons
 from pyro_nf.nn import MADE
+from pyro_nf.testing import perturb_parameters
 from pyro_nf.transforms import InverseAutoregressive, MaskedAutoregressive
 
 LAYERS = {"maf": MaskedAutoregressive, "iaf": InverseAutoregressive}
 BUILDERS = {"maf": pyro_nf.maf, "iaf": pyro_nf.iaf}
-
-
-def perturb(module, scale=0.3, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-            parameter.add_(scale * noise.to(parameter))
-    return module
 
 
 # ---------------------------------------------------------------------------- MADE
@@ -46,7 +38,7 @@ FULLY_CONNECTED = {"natural", "reverse", "random", "explicit", "context", "resid
 
 def make_made(config, num_params=3):
     made = MADE(num_params=num_params, activation="tanh", **MADE_CONFIGS[config])
-    return perturb(made.double())
+    return perturb_parameters(made.double())
 
 
 def made_inputs(made, batch=3):
@@ -180,7 +172,7 @@ TRANSFORM_CONFIGS = {
 
 def make_layer(kind, config, dim=5):
     layer = LAYERS[kind](dim, hidden_dims=(16, 16), activation="tanh", **TRANSFORM_CONFIGS[config])
-    return perturb(layer.double(), scale=0.2)
+    return perturb_parameters(layer.double(), scale=0.2)
 
 
 def layer_inputs(layer, batch_shape=(4,), seed=1):
@@ -319,7 +311,9 @@ def test_maf_sample_then_log_prob_runs_no_extra_pass(monkeypatch):
 @pytest.mark.parametrize("coupling", ["affine", "spline"])
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_1d_flow_density_integrates_to_one(kind, coupling):
-    flow = perturb(BUILDERS[kind](1, num_layers=2, hidden_dims=(8,), coupling=coupling).double())
+    flow = perturb_parameters(
+        BUILDERS[kind](1, num_layers=2, hidden_dims=(8,), coupling=coupling).double()
+    )
     grid = torch.linspace(-30, 30, 20001, dtype=torch.float64).unsqueeze(-1)
     with torch.no_grad():
         density = flow.log_prob(grid).exp()

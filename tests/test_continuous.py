@@ -11,6 +11,7 @@ import pyro_nf
 from pyro_nf import datasets
 from pyro_nf.demo import fit_with_svi, gaussian_log_likelihood
 from pyro_nf.nn import NeuralODE, ODEDynamics
+from pyro_nf.testing import perturb_parameters
 from pyro_nf.transforms import (
     ActNorm,
     ContinuousFlow,
@@ -35,20 +36,10 @@ class LinearDynamics(nn.Module):
         return z @ self.matrix.T
 
 
-def perturbed(module, scale=0.3, seed=0):
-    """Move parameters away from the near-identity initialization."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
-            parameter.add_(scale * noise.to(parameter))
-    return module
-
-
 def tiny_flow(dim, context_dim=0, **kwargs):
     options = {"hidden_dims": (8,), **TIGHT, **kwargs}
     flow = ContinuousFlow(dim, context_dim=context_dim, **options)
-    return perturbed(flow.double())
+    return perturb_parameters(flow.double())
 
 
 def exponential_flow(dim, **kwargs):
@@ -62,7 +53,7 @@ def exponential_flow(dim, **kwargs):
 def test_log_det_equals_slogdet_of_the_whole_flow_map(dim):
     torch.manual_seed(0)
     flow = pyro_nf.cnf(dim, hidden_dims=(8,), num_blocks=2, actnorm=True, adjoint=False, **TIGHT)
-    perturbed(flow.double())
+    perturb_parameters(flow.double())
     transform = flow.transform
     z = (1.5 * torch.randn(3, dim, dtype=torch.float64)).requires_grad_(True)
     x = transform(z)
@@ -110,7 +101,7 @@ def test_learned_time_scales_the_solution():
 
 def test_exact_trace_matches_jacobian_diagonal():
     torch.manual_seed(0)
-    field = perturbed(ODEDynamics(3, hidden_dims=(8,)).double())
+    field = perturb_parameters(ODEDynamics(3, hidden_dims=(8,)).double())
     z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(0.3, dtype=torch.float64)
     trace, frobenius = exact_trace(field(t, z), z, frobenius=True)
@@ -141,7 +132,7 @@ def test_hutchinson_log_det_is_unbiased(probe):
 
 def test_hutchinson_trace_is_unbiased_for_one_jacobian():
     torch.manual_seed(1)
-    field = perturbed(ODEDynamics(4, hidden_dims=(8,)).double())
+    field = perturb_parameters(ODEDynamics(4, hidden_dims=(8,)).double())
     t = torch.tensor(0.5, dtype=torch.float64)
     point = torch.randn(4, dtype=torch.float64)
     z = point.expand(20000, 4).clone().requires_grad_(True)
@@ -258,7 +249,9 @@ def test_rsample_then_log_prob_runs_one_solve():
 
 def test_float32_solve_with_float64_tolerances_does_not_stall():
     torch.manual_seed(0)
-    ode = NeuralODE(perturbed(ODEDynamics(2, hidden_dims=(8,))), method="dopri8", rtol=1e-12)
+    ode = NeuralODE(
+        perturb_parameters(ODEDynamics(2, hidden_dims=(8,))), method="dopri8", rtol=1e-12
+    )
     ode(torch.randn(6, 2), 1.0)
     assert ode.nfe_forward < 2000, ode.nfe_forward
 
@@ -315,7 +308,7 @@ def test_neural_ode_trajectory_of_exponential_growth():
 
 def test_neural_ode_context_gradient_adjoint_equals_direct():
     torch.manual_seed(0)
-    field = perturbed(ODEDynamics(2, hidden_dims=(8,), context_dim=3).double())
+    field = perturb_parameters(ODEDynamics(2, hidden_dims=(8,), context_dim=3).double())
     z0 = torch.randn(4, 2, dtype=torch.float64)
     context = torch.randn(4, 3, dtype=torch.float64)
     gradients = []
