@@ -89,8 +89,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (the networks are small: one thread is fastest, and on a busy "
+        "machine several OpenMP threads can stall each other)",
+    )
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = datasets.toy_density(args.density, args.num_samples, seed=args.seed)
     train, test = datasets.train_test_split(data, test_fraction=0.25, seed=args.seed)
