@@ -47,7 +47,7 @@ from common import (  # noqa: E402
     progress_enabled,
     write_json,
 )
-from svi_guides import AutoFlow, funnel_draws, make_problem, train  # noqa: E402
+from svi_guides import AutoFlow, funnel_draws, make_guide, make_problem, train  # noqa: E402
 
 FLOWS = ("iaf", "realnvp", "maf", "cnf")
 
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     flow = args.flow
     if available_families([flow])[0]:
-        guide = AutoFlow(
-            problem.model, flow=flow, num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2
-        )
+        guide = make_guide(f"AutoFlow-{flow}", problem.model, args)
         train_seconds = train(guide, problem, args, f"guide {flow}")
         neutra = NeuTraReparam(guide.requires_grad_(False))
         model = poutine.reparam(problem.model, config={"x": neutra})

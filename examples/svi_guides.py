@@ -23,6 +23,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -46,6 +47,7 @@ import arviz as az  # noqa: E402
 from common import (  # noqa: E402
     available_families,
     base_parser,
+    build_flow,
     format_table,
     output_directory,
     progress_enabled,
@@ -144,9 +146,14 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
         return AutoNormal(model, init_scale=0.1)
     if kind == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model, init_scale=0.1)
-    family = kind.removeprefix("AutoFlow-")
-    options = {"rtol": 1e-3, "atol": 1e-3} if family == "cnf" else {"num_layers": args.flow_layers}
-    return AutoFlow(model, flow=family, hidden_dims=(args.hidden,) * 2, **options)
+    # AutoFlow calls this with the model's latent dimension.
+    builder = functools.partial(
+        build_flow,
+        kind.removeprefix("AutoFlow-"),
+        num_layers=args.flow_layers,
+        hidden_dims=(args.hidden,) * 2,
+    )
+    return AutoFlow(model, flow=builder)
 
 
 def train(guide: object, problem: Problem, args: argparse.Namespace, label: str) -> float:
