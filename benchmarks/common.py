@@ -36,6 +36,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronization, so a timing covers the whole call."""
+
+    def run() -> object:
+        out = fn()
+        synchronize(device)
+        return out
+
+    return run
+
+
 def run_rows(
     rows: list[Row], min_run_time: float = 1.0, device: str = "cpu", rounds: int = 1
 ) -> list[dict]:

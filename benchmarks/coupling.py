@@ -18,7 +18,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from common import Row, common_arguments, parse_arguments, run_rows, synchronize
+from common import Row, common_arguments, parse_arguments, run_rows, synchronized
 
 import pyro_nf
 
@@ -47,12 +47,7 @@ def rows_for(
     x = torch.randn(batch, dim, device=device)
 
     def timed(fn):
-        def run():
-            out = fn()
-            synchronize(device)
-            return out
-
-        return run
+        return synchronized(fn, device)
 
     @torch.no_grad()
     def ours_log_prob():
