@@ -16,7 +16,7 @@ A conditional flow (``context_dim > 0``) is called with a context of shape
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
@@ -35,7 +35,16 @@ from pyro_nf.transforms.coupling import Coupling, half_mask
 from pyro_nf.transforms.coupling_functions import CouplingFunction, coupling_function
 from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 
-__all__ = ["Flow", "cnf", "iaf", "maf", "realnvp", "permutation_layer"]
+__all__ = [
+    "Flow",
+    "FLOW_BUILDERS",
+    "cnf",
+    "flow_builder",
+    "iaf",
+    "maf",
+    "realnvp",
+    "permutation_layer",
+]
 
 
 class Flow(nn.Module):
@@ -456,3 +465,32 @@ def iaf(
         residual,
         seed,
     )
+
+
+#: Every flow family by name: the one registry that ``AutoFlow(model, flow=name)``, the
+#: examples, the benchmarks and the tests read. Each value builds a :class:`Flow` from
+#: ``(dim, **options)``.
+FLOW_BUILDERS: dict[str, Callable[..., Flow]] = {
+    "iaf": iaf,
+    "maf": maf,
+    "realnvp": realnvp,
+    "cnf": cnf,
+}
+
+
+def flow_builder(name: str) -> Callable[..., Flow]:
+    """The builder of the flow family ``name`` (a key of :data:`FLOW_BUILDERS`).
+
+    Raises:
+        ValueError: naming the known families when ``name`` is not one of them.
+
+    Example:
+        >>> flow_builder("maf")(dim=2, num_layers=1, hidden_dims=(8,)).dim
+        2
+    """
+    try:
+        return FLOW_BUILDERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown flow family {name!r}; expected one of {tuple(FLOW_BUILDERS)}"
+        ) from None
