@@ -15,6 +15,7 @@ from pyro_nf.transforms import (
     LULinear,
     MaskedAutoregressive,
     Permutation,
+    RationalQuadraticSpline,
     half_mask,
 )
 
@@ -23,7 +24,7 @@ CONTEXT_DIM = 3
 SMALL = (8, 8)
 
 
-def _coupling(function: str, context_dim: int = 0, mask=None, **kwargs):
+def _coupling(function, context_dim: int = 0, mask=None, **kwargs):
     def factory():
         return Coupling(
             half_mask(DIM) if mask is None else mask,
@@ -48,7 +49,7 @@ def _continuous(context_dim: int = 0, **kwargs):
     return factory
 
 
-def _autoregressive(layer_class, function: str, context_dim: int = 0, dim: int = DIM, **kwargs):
+def _autoregressive(layer_class, function, context_dim: int = 0, dim: int = DIM, **kwargs):
     kwargs = {"hidden_dims": SMALL, "activation": "tanh", **kwargs}
 
     def factory():
@@ -109,6 +110,19 @@ CASES: dict[str, TransformContract] = {
     ),
     "coupling-spline-conditional": TransformContract(
         _coupling("spline", CONTEXT_DIM), DIM, CONTEXT_DIM
+    ),
+    # A small bound puts about half of the test inputs (scale 1.5) in the tails.
+    "coupling-spline-linear-tails-small-bound": TransformContract(
+        _coupling(RationalQuadraticSpline(num_bins=5, bound=1.0, tails="linear")), DIM
+    ),
+    "coupling-spline-identity-tails-small-bound": TransformContract(
+        _coupling(RationalQuadraticSpline(num_bins=5, bound=1.0, tails="identity")), DIM
+    ),
+    "maf-spline-linear-tails-small-bound": TransformContract(
+        _autoregressive(
+            MaskedAutoregressive, RationalQuadraticSpline(num_bins=5, bound=1.0, tails="linear")
+        ),
+        DIM,
     ),
     "permutation-random": TransformContract(lambda: Permutation.random(DIM, seed=3), DIM),
     "permutation-reverse": TransformContract(lambda: Permutation.reverse(DIM), DIM),

@@ -103,28 +103,42 @@ class Additive(CouplingFunction):
 
 
 class RationalQuadraticSpline(CouplingFunction):
-    r"""Monotone rational-quadratic spline with identity tails (Durkan et al., 2019).
+    r"""Monotone rational-quadratic spline with linear tails (Durkan et al., 2019).
 
     On ``[-B, B]`` the map is a piecewise rational-quadratic function through
-    ``K + 1`` knots ``(x^{(k)}, y^{(k)})`` with positive derivatives ``d^{(k)}`` at
-    the knots; outside it is the identity, and the boundary derivatives are 1 so the
-    map is continuously differentiable. In bin ``k``, with
+    ``K + 1`` knots ``(x^{(k)}, y^{(k)})`` from ``(-B, -B)`` to ``(B, B)`` with
+    positive derivatives ``d^{(k)}`` at the knots. In bin ``k``, with
     ``\theta = (z - x^{(k)}) / w_k`` and ``s_k = h_k / w_k``:
 
     .. math::
         x = y^{(k)} + \frac{h_k [s_k \theta^2 + d^{(k)} \theta (1 - \theta)]}
                            {s_k + [d^{(k+1)} + d^{(k)} - 2 s_k] \theta (1 - \theta)}
 
+    Outside the interval the map continues as a straight line whose slope is the
+    boundary derivative, so value and derivative are continuous at the end knots:
+
+    .. math::
+        x = -B + d^{(0)} (z + B) \ \ (z < -B), \qquad
+        x = B + d^{(K)} (z - B) \ \ (z > B).
+
+    With ``tails="linear"`` (default) the two boundary derivatives are learned, so
+    every layer can stretch or compress the mass beyond the knots and the density
+    has no edge at ``\pm B``. With ``tails="identity"`` they are fixed to 1 (the
+    original neural spline flow and Pyro's ``Spline``): the map is the identity
+    outside ``[-B, B]``.
+
     ``params[..., :K]`` are the unnormalized bin widths, ``params[..., K:2K]`` the
-    unnormalized bin heights and ``params[..., 2K:]`` the ``K - 1`` unconstrained
-    interior derivatives: ``num_params = 3K - 1``. All zeros give the identity.
+    unnormalized bin heights and the rest the unconstrained derivatives: ``K + 1`` of
+    them with linear tails (``num_params = 3K + 1``), the ``K - 1`` interior ones
+    with identity tails (``num_params = 3K - 1``). All zeros give the identity.
 
     Arguments:
         num_bins: the number of bins ``K``.
-        bound: the half-width ``B`` of the interval where the spline acts.
+        bound: the half-width ``B`` of the interval where the spline bends.
+        tails: ``"linear"`` (learned boundary slopes) or ``"identity"`` (slope 1).
         min_bin_width: floor of the bin widths (a fraction of ``2B``), for conditioning.
         min_bin_height: floor of the bin heights (a fraction of ``2B``), for conditioning.
-        min_derivative: floor of the interior derivatives, for conditioning.
+        min_derivative: floor of the knot derivatives (and tail slopes), for conditioning.
 
     References:
         Neural Spline Flows (Durkan et al., 2019), arXiv:1906.04032.
@@ -142,20 +156,24 @@ class RationalQuadraticSpline(CouplingFunction):
         self,
         num_bins: int = 8,
         bound: float = 3.0,
+        tails: str = "linear",
         min_bin_width: float = 1e-3,
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        if not isinstance(num_bins, int) or num_bins < 1:
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound!r}")
+        if tails not in ("linear", "identity"):
+            raise ValueError(f"tails must be 'linear' or 'identity', got {tails!r}")
         if min_bin_width * num_bins >= 1 or min_bin_height * num_bins >= 1:
             raise ValueError("min_bin_width and min_bin_height times num_bins must be < 1")
         if not 0 < min_derivative < 1:
             raise ValueError(f"min_derivative must be in (0, 1), got {min_derivative!r}")
         self.num_bins = num_bins
         self.bound = float(bound)
+        self.tails = tails
         self.min_bin_width = min_bin_width
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
@@ -164,7 +182,7 @@ class RationalQuadraticSpline(CouplingFunction):
 
     @property
     def num_params(self) -> int:  # type: ignore[override]
-        return 3 * self.num_bins - 1
+        return 3 * self.num_bins + (1 if self.tails == "linear" else -1)
 
     def _knots(self, raw: Tensor, minimum: float) -> tuple[Tensor, Tensor]:
         """Knot positions ``(..., K + 1)`` from -B to B and bin sizes ``(..., K)``."""
@@ -178,9 +196,28 @@ class RationalQuadraticSpline(CouplingFunction):
         k = self.num_bins
         x_knots, widths = self._knots(params[..., :k], self.min_bin_width)
         y_knots, heights = self._knots(params[..., k : 2 * k], self.min_bin_height)
-        interior = self.min_derivative + F.softplus(params[..., 2 * k :] + self._derivative_offset)
-        derivatives = F.pad(interior, (1, 1), value=1.0)
+        derivatives = self.min_derivative + F.softplus(
+            params[..., 2 * k :] + self._derivative_offset
+        )
+        if self.tails == "identity":
+            derivatives = F.pad(derivatives, (1, 1), value=1.0)
         return x_knots, widths, y_knots, heights, derivatives
+
+    def _tails(
+        self, value: Tensor, derivatives: Tensor, inverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The tail map at ``value``: (output, log-slope, mask of points in a tail).
+
+        Forward ``x = +-B + d (z -+ B)``; inverse ``z = +-B + (x -+ B) / d``.
+        """
+        below = value <= -self.bound
+        outside = below | (value >= self.bound)
+        if self.tails == "identity":
+            return value, torch.zeros_like(value), outside
+        slope = torch.where(below, derivatives[..., 0], derivatives[..., -1])
+        edge = torch.where(below, -self.bound, self.bound)
+        scaled = (value - edge) / slope if inverse else (value - edge) * slope
+        return edge + scaled, torch.log(slope), outside
 
     @staticmethod
     def _bin_index(knots: Tensor, value: Tensor) -> Tensor:
@@ -201,7 +238,6 @@ class RationalQuadraticSpline(CouplingFunction):
         return torch.log(numerator) - 2 * torch.log(denominator)
 
     def forward(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        inside = (z > -self.bound) & (z < self.bound)
         z_in = z.clamp(-self.bound, self.bound)
         x_knots, widths, y_knots, heights, derivatives = self._spline(params)
         index = self._bin_index(x_knots, z_in)
@@ -214,11 +250,10 @@ class RationalQuadraticSpline(CouplingFunction):
         denominator = slope + (d_right + d_left - 2 * slope) * mixed
         x_in = y_k + h_k * (slope * theta.pow(2) + d_left * mixed) / denominator
         log_derivative = self._log_derivative(theta, slope, d_left, d_right, denominator)
-        x = torch.where(inside, x_in, z)
-        return x, torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
+        x_out, log_out, outside = self._tails(z, derivatives, inverse=False)
+        return torch.where(outside, x_out, x_in), torch.where(outside, log_out, log_derivative)
 
     def inverse(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        inside = (x > -self.bound) & (x < self.bound)
         x_in = x.clamp(-self.bound, self.bound)
         x_knots, widths, y_knots, heights, derivatives = self._spline(params)
         index = self._bin_index(y_knots, x_in)
@@ -238,11 +273,14 @@ class RationalQuadraticSpline(CouplingFunction):
         mixed = theta * (1 - theta)
         denominator = slope + curvature * mixed
         log_derivative = self._log_derivative(theta, slope, d_left, d_right, denominator)
-        z = torch.where(inside, z_in, x)
-        return z, torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
+        z_out, log_out, outside = self._tails(x, derivatives, inverse=True)
+        return torch.where(outside, z_out, z_in), torch.where(outside, log_out, log_derivative)
 
     def __repr__(self) -> str:
-        return f"RationalQuadraticSpline(num_bins={self.num_bins}, bound={self.bound})"
+        return (
+            f"RationalQuadraticSpline(num_bins={self.num_bins}, bound={self.bound}, "
+            f"tails={self.tails!r})"
+        )
 
 
 def _softmax(raw: Tensor) -> Tensor:
@@ -252,7 +290,7 @@ def _softmax(raw: Tensor) -> Tensor:
     return exponential / exponential.sum(dim=-1, keepdim=True)
 
 
-def coupling_function(name: str | CouplingFunction, **kwargs: float) -> CouplingFunction:
+def coupling_function(name: str | CouplingFunction, **kwargs: object) -> CouplingFunction:
     """Build a coupling function from a name: ``"affine"``, ``"additive"`` or ``"spline"``.
 
     A :class:`CouplingFunction` instance is returned as it is.
