@@ -145,7 +145,7 @@ def test_made_bad_input_shapes():
     made = MADE(3, num_params=2, hidden_dims=(8,), context_dim=2)
     with pytest.raises(ValueError, match=r"last dimension 3, got shape \(4, 5\)"):
         made(torch.randn(4, 5), torch.randn(4, 2))
-    with pytest.raises(ValueError, match=r"context with last dimension 2, got \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"context with last dimension 2, got shape \(4, 1\)"):
         made(torch.randn(4, 3), torch.randn(4, 1))
     with pytest.raises(ValueError, match="context"):
         made(torch.randn(4, 3))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyro_nf._validation import check_context, concat_context, integer, layer_sizes
 from pyro_nf.nn.mlp import activation_module
 
 __all__ = ["MADE", "MaskedLinear", "AutoregressiveSteps", "autoregressive_order"]
@@ -151,16 +152,10 @@ class MADE(nn.Module):
         final_init_scale: float = 1e-2,
     ) -> None:
         super().__init__()
-        for name, value, minimum in (
-            ("dim", dim, 1),
-            ("num_params", num_params, 1),
-            ("context_dim", context_dim, 0),
-        ):
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        hidden_dims = tuple(hidden_dims)
-        if not all(isinstance(h, int) and h >= 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be positive integers, got {hidden_dims!r}")
+        dim = integer("dim", dim)
+        num_params = integer("num_params", num_params)
+        context_dim = integer("context_dim", context_dim, minimum=0)
+        hidden_dims = layer_sizes("hidden_dims", hidden_dims)
         if residual and len(set(hidden_dims)) > 1:
             raise ValueError(f"residual=True needs equal hidden sizes, got {hidden_dims!r}")
         self.dim = dim
@@ -207,15 +202,7 @@ class MADE(nn.Module):
                 f"MADE: expected inputs with last dimension {self.dim}, "
                 f"got shape {tuple(inputs.shape)}"
             )
-        if self.context_dim == 0 and context is not None:
-            raise ValueError("MADE: context_dim=0 but a context was given")
-        if self.context_dim > 0 and (
-            context is None or context.dim() == 0 or context.shape[-1] != self.context_dim
-        ):
-            given = None if context is None else tuple(context.shape)
-            raise ValueError(
-                f"MADE: expected a context with last dimension {self.context_dim}, got {given}"
-            )
+        check_context("MADE", context, self.context_dim)
 
     def _hidden(self, h: Tensor, index: int, weight: Tensor, bias: Tensor) -> Tensor:
         a = self.activations[index](F.linear(h, weight, bias))
@@ -224,16 +211,7 @@ class MADE(nn.Module):
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         """Parameters of shape ``(..., D, num_params)`` for inputs ``(..., D)``."""
         self._check(inputs, context)
-        h = inputs
-        if context is not None:
-            batch = torch.broadcast_shapes(inputs.shape[:-1], context.shape[:-1])
-            h = torch.cat(
-                [
-                    inputs.expand(batch + inputs.shape[-1:]),
-                    context.expand(batch + context.shape[-1:]),
-                ],
-                dim=-1,
-            )
+        h = concat_context(inputs, context)
         for index, layer in enumerate(self.layers):
             h = self._hidden(h, index, layer.masked_weight, layer.bias)
         return self.output(h).unflatten(-1, (self.dim, self.num_params))
@@ -284,10 +262,13 @@ class AutoregressiveSteps:
         else:
             self.pre_activation = first.bias.expand(batch, -1)
         # Without autograd the pre-activation can be updated in place (a fresh copy of
-        # the batch-sized array per position was a quarter of the loop's time).
+        # the batch-sized array per position was a quarter of the loop's time). It must
+        # be a copy of its own: without a context it is the bias expanded to the batch,
+        # and for a batch of one ``contiguous()`` would return a view of the bias itself,
+        # so the in-place updates would write into the network's parameters.
         self.in_place = not torch.is_grad_enabled()
         if self.in_place:
-            self.pre_activation = self.pre_activation.contiguous()
+            self.pre_activation = self.pre_activation.clone(memory_format=torch.contiguous_format)
         self.hidden = [(layer.masked_weight, layer.bias) for layer in list(made.layers)[1:]]
         if made.layers:
             width = made.output.weight.shape[-1]

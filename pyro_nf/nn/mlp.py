@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pyro_nf._validation import concat_context, integer, layer_sizes
+
 __all__ = ["MLP", "activation_module"]
 
 
@@ -54,7 +56,11 @@ class MLP(nn.Module):
         final_init_scale: float = 1e-2,
     ) -> None:
         super().__init__()
-        if in_features + context_dim < 1 or out_features < 1:
+        in_features = integer("in_features", in_features, minimum=0)
+        out_features = integer("out_features", out_features)
+        context_dim = integer("context_dim", context_dim, minimum=0)
+        hidden_dims = layer_sizes("hidden_dims", hidden_dims)
+        if in_features + context_dim < 1:
             raise ValueError(
                 f"MLP needs at least one input and one output, got in_features={in_features}, "
                 f"context_dim={context_dim}, out_features={out_features}"
@@ -76,13 +82,4 @@ class MLP(nn.Module):
             final.bias.zero_()
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is not None:
-            batch = torch.broadcast_shapes(inputs.shape[:-1], context.shape[:-1])
-            inputs = torch.cat(
-                [
-                    inputs.expand(batch + inputs.shape[-1:]),
-                    context.expand(batch + context.shape[-1:]),
-                ],
-                dim=-1,
-            )
-        return self.network(inputs)
+        return self.network(concat_context(inputs, context))

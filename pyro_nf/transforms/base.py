@@ -18,13 +18,37 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.modules.module as torch_module
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 from torch.distributions.transforms import _InverseTransform
 
-__all__ = ["FlowTransform", "ConditionedTransform", "PairCache"]
+from pyro_nf._validation import check_context, check_input_dtype, integer
+
+__all__ = ["FlowTransform", "ConditionedTransform", "PairCache", "PairCacheMixin"]
+
+# Bumped whenever any module gains or replaces a submodule (a global registration hook,
+# rare after construction): a transform's memo of its module tree is rebuilt when this
+# moved on, so ``layer.conditioner.layers[0] = nn.Linear(...)`` is seen by the stamp.
+_module_tree_generation = 0
+
+
+def _count_module_registration(module: torch.nn.Module, name: str, submodule: object) -> None:
+    global _module_tree_generation
+    _module_tree_generation += 1
+
+
+torch_module.register_module_module_registration_hook(_count_module_registration)
+
+
+def _is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
 
 
 def _version_of(tensor: Tensor) -> int | None:
@@ -103,7 +127,33 @@ class PairCache:
         return None
 
 
-class FlowTransform(TransformModule, ConditionalTransform):
+class PairCacheMixin:
+    """The cache plumbing shared by :class:`FlowTransform` and :class:`ConditionedTransform`.
+
+    The owner keeps a :class:`PairCache` in ``_pair_cache``. The cache is always safe to
+    keep (it checks versions), so ``with_cache`` answers with the transform itself, and
+    copies, pickles and ``torch.save`` drop it: cached tensors may hold autograd graphs,
+    which cannot be copied.
+    """
+
+    _pair_cache: PairCache
+
+    def with_cache(self, cache_size: int = 1) -> Transform:
+        return self
+
+    def clear_cache(self) -> None:
+        self._pair_cache.clear()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_pair_cache"] = PairCache()
+        if "_cached_x_y" in state:
+            state["_cached_x_y"] = (None, None)
+        state.pop("_state_modules", None)
+        return state
+
+
+class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
     """Base class of the package's transforms: a ``TransformModule`` on vectors.
 
     Subclasses implement :meth:`forward_and_log_det` (z -> x) and
@@ -131,10 +181,8 @@ class FlowTransform(TransformModule, ConditionalTransform):
     cheap_inverse = False
 
     def __init__(self, dim: int, context_dim: int = 0, cache_size: int = 1) -> None:
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+        dim = integer("dim", dim)
+        context_dim = integer("context_dim", context_dim, minimum=0)
         if cache_size not in (0, 1):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
         super().__init__(cache_size=cache_size)
@@ -160,8 +208,24 @@ class FlowTransform(TransformModule, ConditionalTransform):
     def is_conditional(self) -> bool:
         return self.context_dim > 0
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating parameter or buffer (``None`` if there is none)."""
+        for module in self._module_tree():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.dtype.is_floating_point:
+                        return tensor.dtype
+        return None
+
     def check_input(self, value: Tensor, name: str = "input") -> None:
-        """Raise ``ValueError`` unless ``value`` is a tensor of shape ``(..., dim)``."""
+        """Check that ``value`` is a tensor of shape ``(..., dim)`` in the transform's dtype.
+
+        Raises:
+            TypeError: not a tensor, not floating point, or another dtype than the
+                transform's parameters (see :func:`~pyro_nf._validation.check_input_dtype`).
+            ValueError: the last dimension is not ``dim``.
+        """
         if not isinstance(value, Tensor):
             raise TypeError(
                 f"{type(self).__name__}: expected the {name} to be a torch.Tensor, "
@@ -172,26 +236,13 @@ class FlowTransform(TransformModule, ConditionalTransform):
                 f"{type(self).__name__}: expected the {name} to have last dimension "
                 f"{self.dim}, got shape {tuple(value.shape)}"
             )
+        check_input_dtype(type(self).__name__, value, self.compute_dtype, name)
 
     def check_context(self, context: Tensor | None) -> None:
-        """Raise ``ValueError`` unless ``context`` fits ``context_dim``."""
-        name = type(self).__name__
-        if not self.is_conditional:
-            if context is not None:
-                raise ValueError(f"{name} is unconditional (context_dim=0) but got a context")
-            return
-        if context is None:
-            raise ValueError(
-                f"{name} is conditional (context_dim={self.context_dim}): call "
-                f".condition(context) with a context of shape (..., {self.context_dim})"
-            )
-        if not isinstance(context, Tensor):
-            raise TypeError(f"{name}: expected the context to be a torch.Tensor")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"{name}: expected a context with last dimension {self.context_dim}, "
-                f"got shape {tuple(context.shape)}"
-            )
+        """Check ``context`` against ``context_dim`` (bind one with :meth:`condition`)."""
+        check_context(type(self).__name__, context, self.context_dim)
+        if context is not None:
+            check_input_dtype(type(self).__name__, context, self.compute_dtype, "context")
 
     def _check(self, value: Tensor, context: Tensor | None, name: str) -> None:
         self.check_input(value, name)
@@ -206,25 +257,27 @@ class FlowTransform(TransformModule, ConditionalTransform):
                     f"of the {name} {tuple(value.shape[:-1])}"
                 ) from None
 
+    def _module_tree(self) -> tuple[torch.nn.Module, ...]:
+        """``tuple(self.modules())``, kept until any module's tree changes."""
+        # Walking the module tree is the expensive part of ``parameters()``; the tree
+        # rarely changes after construction, the tensors in it are read every time.
+        memo = self.__dict__.get("_state_modules")
+        if memo is None or memo[0] != _module_tree_generation:
+            memo = self.__dict__["_state_modules"] = (
+                _module_tree_generation,
+                tuple(self.modules()),
+            )
+        return memo[1]
+
     def state_versions(self) -> tuple:
         """Version counters of all parameters and buffers: part of every cache stamp."""
-        modules = self.__dict__.get("_state_modules")
-        if modules is None:
-            # Walking the module tree is the expensive part of ``parameters()``; the
-            # tree is fixed after construction, the tensors in it are read every time.
-            modules = self.__dict__["_state_modules"] = tuple(self.modules())
         return tuple(
             _version_of(tensor)
-            for module in modules
+            for module in self._module_tree()
             for tensors in (module._parameters, module._buffers)
             for tensor in tensors.values()
             if tensor is not None
         )
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, torch.nn.Module):
-            self.__dict__.pop("_state_modules", None)
-        super().__setattr__(name, value)
 
     def _cache_state(self, context: Tensor | None) -> tuple:
         context_key = None if context is None else (id(context), _version_of(context))
@@ -233,7 +286,7 @@ class FlowTransform(TransformModule, ConditionalTransform):
     # ----------------------------------------------------------------- cached passes
     def _cached_forward(self, z: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
         self._check(z, context, "input z")
-        if self._cache_size == 0:
+        if self._cache_size == 0 or _is_compiling():
             return self.forward_and_log_det(z, context)[0]
         state = self._cache_state(context)
         x = cache.lookup_forward(z, state)
@@ -245,7 +298,7 @@ class FlowTransform(TransformModule, ConditionalTransform):
 
     def _cached_inverse(self, x: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
         self._check(x, context, "input x")
-        if self._cache_size == 0:
+        if self._cache_size == 0 or _is_compiling():
             return self.inverse_and_log_det(x, context)[0]
         state = self._cache_state(context)
         z = cache.lookup_inverse(x, state)
@@ -257,7 +310,7 @@ class FlowTransform(TransformModule, ConditionalTransform):
     def _cached_log_det(
         self, z: Tensor, x: Tensor, context: Tensor | None, cache: PairCache
     ) -> Tensor:
-        if self._cache_size == 1:
+        if self._cache_size == 1 and not _is_compiling():
             log_det = cache.lookup_log_det(z, x, self._cache_state(context))
             if log_det is not None:
                 return log_det
@@ -300,22 +353,6 @@ class FlowTransform(TransformModule, ConditionalTransform):
         self.check_context(context)
         return ConditionedTransform(self, context)
 
-    def with_cache(self, cache_size: int = 1) -> FlowTransform:
-        # The cache is always safe to keep (it checks parameter versions), so a request
-        # for a cached copy is answered by the transform itself.
-        return self
-
-    def clear_cache(self) -> None:
-        self._pair_cache.clear()
-
-    def __getstate__(self) -> dict:
-        # Cached tensors may hold autograd graphs, which cannot be copied or pickled.
-        state = super().__getstate__()
-        state["_pair_cache"] = PairCache()
-        state["_cached_x_y"] = (None, None)
-        state.pop("_state_modules", None)
-        return state
-
     def extra_repr(self) -> str:
         text = f"dim={self.dim}"
         return text + (f", context_dim={self.context_dim}" if self.is_conditional else "")
@@ -328,7 +365,7 @@ class InverseFlowTransform(_InverseTransform, ConditionalTransform):
         return self._inv.condition(context).inv
 
 
-class ConditionedTransform(Transform):
+class ConditionedTransform(PairCacheMixin, Transform):
     """A conditional :class:`FlowTransform` bound to one context (a thin binding).
 
     It holds no parameters of its own: every pass calls the parent's
@@ -360,17 +397,6 @@ class ConditionedTransform(Transform):
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         return self.transform._cached_log_det(z, x, self.context, self._pair_cache)
-
-    def with_cache(self, cache_size: int = 1) -> ConditionedTransform:
-        return self
-
-    def clear_cache(self) -> None:
-        self._pair_cache.clear()
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_pair_cache"] = PairCache()
-        return state
 
     def __repr__(self) -> str:
         return (
