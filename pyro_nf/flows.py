@@ -25,6 +25,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
 
+from pyro_nf._validation import check_context, check_input_dtype, integer
 from pyro_nf.transforms.autoregressive import (
     Autoregressive,
     InverseAutoregressive,
@@ -37,6 +38,7 @@ from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 
 __all__ = [
     "Flow",
+    "FlowDistribution",
     "FLOW_BUILDERS",
     "cnf",
     "flow_builder",
@@ -45,6 +47,61 @@ __all__ = [
     "realnvp",
     "permutation_layer",
 ]
+
+
+class FlowDistribution(dist.TransformedDistribution):
+    """The distribution of a :class:`Flow`'s ``x``: Pyro's ``TransformedDistribution`` with
+    the package's input policy for ``log_prob``.
+
+    - an empty batch ``(0, D)`` gives an empty result ``(0,)`` (torch's own support check
+      cannot reshape an empty tensor, so it is skipped when there is nothing to check);
+    - with validation on (Pyro's default), an ``x`` with a NaN or infinite entry is a
+      ``ValueError`` that names the rows, raised before any pass; with validation off
+      (``pyro.enable_validation(False)``) those rows get a NaN log-density and every
+      other row its exact value, for every family.
+
+    Example:
+        >>> d = realnvp(dim=2, num_layers=1, hidden_dims=(8,))()
+        >>> d.log_prob(torch.zeros(0, 2)).shape
+        torch.Size([0])
+    """
+
+    def _validate_sample(self, value: Tensor) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"expected the value to be a torch.Tensor, got {type(value).__name__}")
+        if value.numel() == 0:
+            event = self.event_shape
+            if value.shape[value.dim() - len(event) :] != event:
+                raise ValueError(
+                    f"expected a value with event shape {tuple(event)}, got shape "
+                    f"{tuple(value.shape)}"
+                )
+            return
+        if value.dtype.is_floating_point:
+            finite = torch.isfinite(value)
+            if value.dim() > 0:
+                finite = finite.flatten(max(value.dim() - 1, 0)).all(-1)
+            if not bool(finite.all()):
+                rows = (~finite).nonzero().tolist()
+                raise ValueError(
+                    f"log_prob is defined for finite x; {len(rows)} of {finite.numel()} rows "
+                    f"hold NaN or infinite values (first at index {tuple(rows[0])}). Pass "
+                    "finite values, or turn validation off (pyro.enable_validation(False)) "
+                    "to get NaN for those rows."
+                )
+        super()._validate_sample(value)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log p(x)`` with shape ``value.shape[:-1]`` (broadcast with the batch shape)."""
+        if isinstance(value, Tensor) and value.numel() == 0:
+            # torch's reductions over the event cannot reshape an empty tensor: answer
+            # directly, after the same checks a non-empty value gets.
+            if self._validate_args:
+                self._validate_sample(value)
+            check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
+            batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            return value.new_zeros(batch)
+        return super().log_prob(value)
 
 
 class Flow(nn.Module):
@@ -71,10 +128,8 @@ class Flow(nn.Module):
 
     def __init__(self, transforms: Sequence[Transform], dim: int, context_dim: int = 0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        self.dim = dim
-        self.context_dim = context_dim
+        self.dim = integer("dim", dim)
+        self.context_dim = integer("context_dim", context_dim, minimum=0)
         transforms = list(transforms)
         if context_dim > 0:
             self.transform = ConditionalComposeTransformModule(transforms)
@@ -91,21 +146,7 @@ class Flow(nn.Module):
         return list(self.transform.parts)
 
     def _check_context(self, context: Tensor | None) -> None:
-        if self.context_dim == 0:
-            if context is not None:
-                raise ValueError("this flow is unconditional (context_dim=0) but got a context")
-            return
-        if context is None:
-            raise ValueError(
-                f"this flow is conditional: call it with a context of shape (..., {self.context_dim})"
-            )
-        if not isinstance(context, Tensor) or context.dim() == 0:
-            raise ValueError(f"expected a context tensor of shape (..., {self.context_dim})")
-        if context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"expected a context with last dimension {self.context_dim}, "
-                f"got shape {tuple(context.shape)}"
-            )
+        check_context("Flow", context, self.context_dim)
 
     def base_distribution(
         self, batch_shape: torch.Size | tuple[int, ...] = ()
@@ -116,13 +157,13 @@ class Flow(nn.Module):
             base = base.expand(torch.Size(batch_shape) + (self.dim,))
         return base.to_event(1)
 
-    def forward(self, context: Tensor | None = None) -> dist.TransformedDistribution:
+    def forward(self, context: Tensor | None = None) -> FlowDistribution:
         """The distribution of x (conditioned on ``context`` for a conditional flow)."""
         self._check_context(context)
         if context is None:
-            return dist.TransformedDistribution(self.base_distribution(), self.layers)
+            return FlowDistribution(self.base_distribution(), self.layers)
         layers = self.transform.condition(context).parts
-        return dist.TransformedDistribution(self.base_distribution(context.shape[:-1]), layers)
+        return FlowDistribution(self.base_distribution(context.shape[:-1]), layers)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(x)`` of shape ``x.shape[:-1]`` (x -> z, density direction)."""
@@ -157,15 +198,26 @@ def permutation_layer(kind: str | None, dim: int, seed: int) -> Transform | None
     raise ValueError(f"unknown permutation {kind!r}; expected 'reverse', 'random', 'lu' or None")
 
 
-def _check_builder_args(
-    dim: int, num_layers: int, context_dim: int, layers_name: str = "num_layers"
-) -> None:
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"{layers_name} must be a positive integer, got {num_layers!r}")
-    if not isinstance(context_dim, int) or context_dim < 0:
-        raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+def _builder_args(
+    dim: object, num_layers: object, context_dim: object, layers_name: str = "num_layers"
+) -> tuple[int, int, int]:
+    """The builders' shared arguments checked and as Python ints (NumPy integers accepted)."""
+    return (
+        integer("dim", dim),
+        integer(layers_name, num_layers),
+        integer("context_dim", context_dim, minimum=0),
+    )
+
+
+def _layer_seeds(seed: int, num_layers: int) -> list[tuple[int, int]]:
+    """Independent ``(order_seed, permutation_seed)`` pairs per layer, drawn from ``seed``.
+
+    A random autoregressive order and the random permutation after the same layer must
+    not come from one seed: they would be the same permutation, and undo each other.
+    """
+    generator = torch.Generator().manual_seed(integer("seed", seed, minimum=0))
+    draws = torch.randint(0, 2**31 - 1, (num_layers, 2), generator=generator)
+    return [(int(order), int(permutation)) for order, permutation in draws]
 
 
 def realnvp(
@@ -210,7 +262,7 @@ def realnvp(
         >>> flow.log_prob(torch.randn(10, 2)).shape
         torch.Size([10])
     """
-    _check_builder_args(dim, num_layers, context_dim)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     if dim < 2:
         raise ValueError(
             f"a coupling flow needs dim >= 2 to split the input in two, got dim={dim}; "
@@ -289,7 +341,7 @@ def cnf(
         >>> flow.log_prob(torch.randn(10, 2)).shape
         torch.Size([10])
     """
-    _check_builder_args(dim, num_blocks, context_dim, layers_name="num_blocks")
+    dim, num_blocks, context_dim = _builder_args(dim, num_blocks, context_dim, "num_blocks")
     layers: list[Transform] = []
     for _ in range(num_blocks):
         if actnorm:
@@ -329,10 +381,10 @@ def _autoregressive_flow(
     residual: bool,
     seed: int,
 ) -> Flow:
-    _check_builder_args(dim, num_layers, context_dim)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     function = coupling_function(coupling, **(coupling_kwargs or {}))
     layers: list[Transform] = []
-    for i in range(num_layers):
+    for i, (order_seed, permutation_seed) in enumerate(_layer_seeds(seed, num_layers)):
         layers.append(
             layer_class(
                 dim,
@@ -340,12 +392,13 @@ def _autoregressive_flow(
                 hidden_dims=hidden_dims,
                 context_dim=context_dim,
                 order=order,
-                seed=seed + i,
+                seed=order_seed,
                 activation=activation,
                 residual=residual,
             )
         )
-        glue = permutation_layer(permutation, dim, seed + i) if i < num_layers - 1 else None
+        last = i == num_layers - 1
+        glue = None if last else permutation_layer(permutation, dim, permutation_seed)
         if glue is not None:
             layers.append(glue)
     return Flow(layers, dim, context_dim)

@@ -379,7 +379,9 @@ def test_builder_structure(kind):
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_builder_errors(kind, kwargs, words):
     kwargs = {"dim": 3, **kwargs}
-    with pytest.raises(ValueError) as error:
+    # A value of the wrong type is a TypeError, a wrong value of the right type a ValueError.
+    expected = TypeError if isinstance(kwargs["dim"], float) else ValueError
+    with pytest.raises(expected) as error:
         BUILDERS[kind](**kwargs)
     for word in words:
         assert word in str(error.value)

@@ -48,7 +48,7 @@ def test_flow_follows_dtype_moves():
     "kwargs, match",
     [
         ({"dim": 1}, "dim >= 2"),
-        ({"dim": 0}, "positive integer"),
+        ({"dim": 0}, "dim must be an integer >= 1"),
         ({"dim": 3, "num_layers": 0}, "num_layers"),
         ({"dim": 3, "coupling": "quadratic"}, "unknown coupling function"),
         ({"dim": 3, "permutation": "shuffle"}, "unknown permutation"),

@@ -316,7 +316,41 @@ class ContinuousFlow(FlowTransform):
 
     # ----------------------------------------------------------------- the solve
     def _solve(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """One solve over the finite rows; empty batches and non-finite rows never reach it.
+
+        An adaptive solver takes one step size for the whole batch, so a single row
+        with an infinite or NaN entry would drive it to a zero step ("underflow in dt").
+        Such rows are left out of the solve and come back as NaN (the answer of every
+        other family for them), and an empty batch needs no solve at all.
+        """
         value, context = broadcast_context(value, context)
+        batch_shape = value.shape[:-1]
+        if value.numel() == 0:
+            self._regularization = None
+            if self.regularize:
+                self._regularization = {name: value.new_zeros(batch_shape) for name in REGULARIZERS}
+            return value.clone(), value.new_zeros(batch_shape)
+        finite = torch.isfinite(value).all(-1)
+        if context is not None:
+            finite = finite & torch.isfinite(context).all(-1)
+        if bool(finite.all()):
+            return self._solve_rows(value, context, inverse)
+        output = torch.full_like(value, float("nan"))
+        log_det = value.new_full(batch_shape, float("nan"))
+        if bool(finite.any()):
+            rows = (value[finite], None if context is None else context[finite])
+            output[finite], log_det[finite] = self._solve_rows(*rows, inverse)
+            if self._regularization is not None:
+                self._regularization = {
+                    name: value.new_full(batch_shape, float("nan")).index_put((finite,), term)
+                    for name, term in self._regularization.items()
+                }
+        return output, log_det
+
+    def _solve_rows(
+        self, value: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The augmented solve of ``(z, log-det[, regularizers])`` for finite rows."""
         end_time = self.end_time.to(value)
         dynamics = self.ode.dynamics
         regularize = self.regularize
