@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -10,6 +11,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 import pyro_nf
 from pyro_nf import FitHistory, NonFiniteLossError, fit
+from pyro_nf.infer import ArrayDataset, NpyBatches
 
 SMALL = {"num_layers": 2, "hidden_dims": (16,)}
 
@@ -216,3 +218,169 @@ def test_pyro_native_maximum_likelihood_with_empty_guide():
         svi.step(data)
     assert mean_log_prob(flow, data) > before + 1.0
     assert isinstance(flow(), dist.TransformedDistribution)
+
+
+# --------------------------------------------------------------------------------------
+# Data sources: datasets, memory maps, streams and ready loaders
+# --------------------------------------------------------------------------------------
+
+
+def fitted_state(data, context=None, context_dim=0, **kwargs):
+    torch.manual_seed(0)  # the same initial parameters for every data source
+    flow = pyro_nf.realnvp(2, context_dim=context_dim, **SMALL)
+    options = {"epochs": 3, "batch_size": 16, "lr": 1e-2, "progress": False, **kwargs}
+    history = fit(flow, data, context, **options)
+    return state_of(flow), history
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """A plain map-style dataset, one row (or one (x, context) pair) per item."""
+
+    def __init__(self, data, context=None):
+        self.data, self.context = data, context
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i] if self.context is None else (self.data[i], self.context[i])
+
+
+def test_fit_on_a_dataset_equals_fit_on_the_tensor(tmp_path):
+    data = shifted_data(70)
+    reference, reference_history = fitted_state(data)
+    path = tmp_path / "rows.npy"
+    np.save(path, data.numpy())
+    sources = {
+        "rows": RowDataset(data),
+        "tensor-dataset": torch.utils.data.TensorDataset(data),
+        "memmap": ArrayDataset(np.load(path, mmap_mode="r")),
+        "npy-path": ArrayDataset(path),
+    }
+    for name, source in sources.items():
+        state, history = fitted_state(source)
+        assert same_state(state, reference), name
+        assert torch.equal(history.validation_index, reference_history.validation_index)
+        assert history.validation_log_likelihood == reference_history.validation_log_likelihood
+
+
+def test_fit_on_a_conditional_dataset_equals_fit_on_the_tensors():
+    context = torch.randn(50, 1, generator=torch.Generator().manual_seed(1))
+    data = shifted_data(50) + context
+    reference, _ = fitted_state(data, context, context_dim=1)
+    state, _ = fitted_state(RowDataset(data, context), context_dim=1)
+    assert same_state(state, reference)
+    state, _ = fitted_state(ArrayDataset(data, context), context_dim=1)
+    assert same_state(state, reference)
+
+
+def test_fit_with_ready_loaders_uses_their_batches():
+    data = shifted_data(64)
+    train, validation = data[:48], data[48:]
+    # A fixed order of minibatches: fit must take exactly these steps, in this order.
+    batches = list(train.split(16))
+    torch.manual_seed(0)
+    flow = pyro_nf.realnvp(2, **SMALL)
+    manual = pyro_nf.realnvp(2, **SMALL)
+    manual.load_state_dict(flow.state_dict())
+    history = fit(flow, batches, validation_data=validation, epochs=2, lr=1e-2, progress=False)
+    optimizer = torch.optim.Adam(manual.parameters(), lr=1e-2)
+    for _ in range(2):
+        for batch in batches:
+            optimizer.zero_grad()
+            (-manual.log_prob(batch).mean()).backward()
+            optimizer.step()
+    # fit keeps the best epoch's parameters: compare with the epoch it kept.
+    assert history.epochs_run == 2 and history.validation_index is None
+    if history.best_epoch == 1:
+        assert same_state(state_of(flow), state_of(manual))
+    expected = mean_log_prob(manual, validation)
+    assert history.validation_log_likelihood[-1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_fit_streams_a_npy_file(tmp_path):
+    data = shifted_data(300)
+    path = tmp_path / "rows.npy"
+    np.save(path, data.numpy())
+    torch.manual_seed(0)
+    flow = pyro_nf.realnvp(2, **SMALL)
+    before = mean_log_prob(flow, data)
+    train = NpyBatches(path, batch_size=32, rows=(0, 240), block_rows=64, seed=0)
+    validation = NpyBatches(path, batch_size=64, rows=(240, 300), shuffle=False)
+    history = fit(flow, train, validation_data=validation, epochs=4, lr=1e-2, progress=False)
+    assert history.epochs_run == 4 and len(history.validation_log_likelihood) == 4
+    assert mean_log_prob(flow, data) > before + 1.0
+
+
+def test_npy_batches_visit_every_row_once_per_pass_in_a_new_order(tmp_path):
+    path = tmp_path / "rows.npy"
+    np.save(path, np.arange(200, dtype=np.float32).reshape(100, 2))
+    stream = NpyBatches(path, batch_size=8, block_rows=32, seed=3)
+    passes = [torch.cat(list(stream))[:, 0] for _ in range(2)]
+    for rows in passes:
+        assert sorted(rows.tolist()) == list(range(0, 200, 2))
+    assert not torch.equal(passes[0], passes[1])
+    assert len(stream) == 13
+
+
+def test_fit_on_an_iterable_dataset_of_rows():
+    data = shifted_data(64)
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    torch.manual_seed(0)
+    flow = pyro_nf.realnvp(2, **SMALL)
+    before = mean_log_prob(flow, data)
+    history = fit(flow, Rows(), epochs=6, batch_size=16, lr=1e-2, progress=False)
+    assert history.epochs_run == 6 and history.validation_log_likelihood == []
+    assert mean_log_prob(flow, data) > before
+
+
+def test_fit_stops_on_a_bad_row_in_a_stream_and_keeps_the_last_good_parameters():
+    good = list(shifted_data(32).split(16))
+    bad = torch.tensor([[0.0, math.nan]] * 16)
+    flow = pyro_nf.realnvp(2, **SMALL)
+
+    class FailsInSecondPass:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(good if self.passes == 1 else [good[0], bad])
+
+    with pytest.raises(ValueError, match="non-finite"):
+        fit(flow, FailsInSecondPass(), epochs=3, lr=1e-2, progress=False)
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+@pytest.mark.parametrize(
+    "data, context, match",
+    [
+        pytest.param("rows.npy", None, "expected data", id="string"),
+        pytest.param(
+            torch.utils.data.TensorDataset(torch.randn(8, 2)),
+            torch.randn(8, 1),
+            "pairs",
+            id="context-with-dataset",
+        ),
+        pytest.param([torch.randn(4, 3)], None, r"\(N, 2\)", id="wrong-batch-width"),
+    ],
+)
+def test_fit_rejects_bad_data_sources(data, context, match):
+    flow = pyro_nf.realnvp(2, **SMALL)
+    initial = state_of(flow)
+    with pytest.raises(ValueError, match=match):
+        fit(flow, data, context, progress=False)
+    assert same_state(state_of(flow), initial)
+
+
+def test_fit_leaves_the_global_rng_untouched():
+    flow, data = pyro_nf.realnvp(2, **SMALL), torch.utils.data.TensorDataset(shifted_data(40))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(flow, data, epochs=2, batch_size=8, progress=False)
+    assert torch.equal(torch.rand(3), expected)

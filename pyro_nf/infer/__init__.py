@@ -2,20 +2,23 @@
 
 from pyro_nf.infer import targets
 from pyro_nf.infer.autoguide import FLOW_FAMILIES, AmortizedFlowGuide, AutoFlow
+from pyro_nf.infer.data import ArrayDataset, NpyBatches
 from pyro_nf.infer.diagnostics import (
     PSISResult,
     importance_draws,
     psis_diagnostic,
     to_inference_data,
 )
-from pyro_nf.infer.fit import FitHistory, NonFiniteLossError, fit
+from pyro_nf.infer.training import FitHistory, NonFiniteLossError, fit
 
 __all__ = [
     "FLOW_FAMILIES",
     "AmortizedFlowGuide",
+    "ArrayDataset",
     "AutoFlow",
     "FitHistory",
     "NonFiniteLossError",
+    "NpyBatches",
     "PSISResult",
     "fit",
     "importance_draws",

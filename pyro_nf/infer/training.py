@@ -1,0 +1,569 @@
+"""Maximum-likelihood training of a :class:`~pyro_nf.Flow`, in pieces that every driver shares.
+
+The pieces: the per-batch log-likelihood (:func:`batch_log_likelihood`), one guarded
+optimizer update that refuses a non-finite loss or gradient
+(:func:`optimization_step`), the last good parameters to fall back on
+(:class:`LastGoodParameters`), the validation pass (:func:`validation_log_likelihood`)
+and the early-stopping state (:class:`EarlyStopping`). The data split and the
+minibatch loaders are in :mod:`pyro_nf.infer.data`. :func:`fit` assembles them into a
+single-process loop with no dependency beyond torch; the Lightning modules of
+:mod:`pyro_nf.lightning` assemble the same pieces for multi-process training.
+
+The Pyro-native path is just as supported and needs no helper: register the flow with
+``pyro.module``, observe the data under a plate, and run SVI with an empty guide (SVI
+then maximizes the log-likelihood)::
+
+    flow = pyro_nf.realnvp(dim=2)
+
+    def model(data):
+        pyro.module("flow", flow)
+        with pyro.plate("data", data.shape[0], subsample_size=256) as index:
+            pyro.sample("x", flow(), obs=data[index])
+
+    def guide(data):
+        pass
+
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    for step in range(1000):
+        svi.step(data)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from pyro_nf.flows import Flow
+from pyro_nf.infer.data import ArrayDataset, batch_loader, prepare_batch, split_indices
+
+__all__ = [
+    "EarlyStopping",
+    "FitHistory",
+    "LastGoodParameters",
+    "NonFiniteLossError",
+    "batch_log_likelihood",
+    "fit",
+    "gradients_finite",
+    "optimization_step",
+    "validation_log_likelihood",
+]
+
+Batch = Tensor | Sequence[Tensor]
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit` did, epoch by epoch.
+
+    Attributes:
+        train_log_likelihood: mean log-likelihood per point of the training
+            minibatches of each epoch (an average over the epoch's updates).
+        validation_log_likelihood: mean log-likelihood per validation point after each
+            epoch (empty without a validation split).
+        best_epoch: the epoch (0-based) whose parameters the flow holds at the end.
+        best_validation_log_likelihood: its validation log-likelihood (NaN without a
+            validation split).
+        stopped_early: whether training stopped before ``epochs`` for lack of progress.
+        validation_index: the indices of ``data`` held out for validation (None when
+            :func:`fit` made no split).
+    """
+
+    train_log_likelihood: list[float] = field(default_factory=list)
+    validation_log_likelihood: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_validation_log_likelihood: float = math.nan
+    stopped_early: bool = False
+    validation_index: Tensor | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        """The number of completed epochs."""
+        return len(self.train_log_likelihood)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss or gradient during training.
+
+    The trained module holds its last good parameters when this is raised (for
+    :func:`fit`: those of the end of the last completed epoch, or the initial ones for
+    a failure in the first epoch).
+
+    Attributes:
+        epoch: the epoch (0-based) of the failure.
+        step: the minibatch (0-based) within that epoch.
+        history: the :class:`FitHistory` up to the last completed epoch.
+    """
+
+    def __init__(
+        self, message: str, epoch: int, step: int, history: FitHistory | None = None
+    ) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.history = history
+
+
+# --------------------------------------------------------------------------------------
+# The pieces
+# --------------------------------------------------------------------------------------
+
+
+def batch_log_likelihood(flow: Flow, x: Tensor, context: Tensor | None = None) -> Tensor:
+    r"""``log p(x_i | c_i)`` per row, shape ``(B,)``: the x -> z (density) direction.
+
+    Pyro's distribution validation is off here: the data were checked by
+    :func:`~pyro_nf.infer.data.prepare_batch`, and a non-finite value produced inside
+    the flow must reach the non-finite handling (:func:`optimization_step`) rather
+    than fail a support check.
+
+    Example:
+        >>> flow = pyro_nf.realnvp(dim=2, num_layers=2, hidden_dims=(8,))
+        >>> tuple(batch_log_likelihood(flow, torch.zeros(5, 2)).shape)
+        (5,)
+    """
+    with pyro.validation_enabled(False):
+        return flow.log_prob(x, context)
+
+
+def gradients_finite(parameters: Iterable[Tensor]) -> bool:
+    """Whether every gradient of ``parameters`` is finite (parameters without one pass).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.tensor([1.0, float("nan")])
+        >>> gradients_finite([p])
+        False
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads]).sum()))
+
+
+def optimization_step(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    backward: Callable[[Tensor], None] | None = None,
+    all_agree: Callable[[bool], bool] | None = None,
+) -> str | None:
+    """One optimizer update on ``loss``, refused when the loss or a gradient is not finite.
+
+    Arguments:
+        loss: a scalar to minimize.
+        optimizer: its parameters' gradients are zeroed, computed and applied.
+        backward: how to backpropagate (default ``loss.backward()``; Lightning passes
+            ``manual_backward``, which also averages gradients across processes).
+        all_agree: reduces a per-process "finite" decision to one shared by all
+            processes (default: the identity, one process), so that processes skip an
+            update together.
+
+    Returns:
+        None after an update; ``"loss"`` or ``"gradient"`` when the update was refused
+        (the parameters are then untouched).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> optimization_step((w * float("inf")).sum(), torch.optim.SGD([w], lr=0.1))
+        'loss'
+    """
+    agree = all_agree or (lambda decision: decision)
+    if not agree(bool(torch.isfinite(loss))):
+        return "loss"
+    optimizer.zero_grad()
+    (backward or Tensor.backward)(loss)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if not agree(gradients_finite(parameters)):
+        optimizer.zero_grad()
+        return "gradient"
+    optimizer.step()
+    return None
+
+
+class LastGoodParameters:
+    """A copy of a module's state to fall back on after a non-finite update.
+
+    Example:
+        >>> layer = torch.nn.Linear(1, 1); good = LastGoodParameters(layer)
+        >>> _ = layer.weight.data.fill_(float("nan")); good.restore()
+        >>> bool(torch.isfinite(layer.weight).all())
+        True
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.save()
+
+    def save(self) -> None:
+        """Remember the module's current state."""
+        self.state = copy.deepcopy(self.module.state_dict())
+
+    def restore(self) -> None:
+        """Put the remembered state back (in place: optimizers keep their parameters)."""
+        self.module.load_state_dict(self.state)
+
+
+@torch.no_grad()
+def validation_log_likelihood(flow: Flow, batches: Iterable[Batch]) -> float:
+    """Mean ``log p(x | c)`` per point over ``batches``, in eval mode, without gradients.
+
+    The flow's train/eval mode is restored afterwards.
+
+    Example:
+        >>> flow = pyro_nf.realnvp(dim=2, num_layers=2, hidden_dims=(8,))
+        >>> value = validation_log_likelihood(flow, [torch.zeros(4, 2), torch.ones(2, 2)])
+        >>> math.isfinite(value)
+        True
+    """
+    was_training = flow.training
+    flow.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        x, c = prepare_batch(batch, flow.dim, flow.context_dim, flow.base_loc)
+        total += float(batch_log_likelihood(flow, x, c).sum())
+        count += x.shape[0]
+    flow.train(was_training)
+    if count == 0:
+        raise ValueError("the validation data are empty")
+    return total / count
+
+
+@dataclass
+class EarlyStopping:
+    """Early-stopping state: the best value so far and the epochs since it improved.
+
+    ``update(value, epoch)`` records a validation value (higher is better) and says
+    whether it is a new best; :attr:`should_stop` turns true after ``patience`` epochs
+    without one (never with ``patience=None``). A non-finite value never improves.
+
+    Example:
+        >>> stopping = EarlyStopping(patience=2)
+        >>> [stopping.update(v, epoch) for epoch, v in enumerate([1.0, 2.0, 1.5, 1.8])]
+        [True, True, False, False]
+        >>> stopping.should_stop, stopping.best_epoch
+        (True, 1)
+    """
+
+    patience: int | None
+    best: float = math.nan
+    best_epoch: int = -1
+    epochs_without_progress: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record the validation value of ``epoch``; True if it is a new best."""
+        improved = math.isfinite(value) and (math.isnan(self.best) or value > self.best)
+        if improved:
+            self.best, self.best_epoch = value, epoch
+            self.epochs_without_progress = 0
+        else:
+            self.epochs_without_progress += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether ``patience`` epochs have passed without a new best."""
+        return self.patience is not None and self.epochs_without_progress >= self.patience
+
+
+# --------------------------------------------------------------------------------------
+# Input checks and data sources of fit
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_tensor_data(flow: Flow, data: Tensor, context: Tensor | None) -> None:
+    # The whole tensor is checked up front, before any training; a dataset or a stream
+    # is checked minibatch by minibatch by prepare_batch.
+    if data.dim() != 2 or data.shape[1] != flow.dim:
+        raise ValueError(f"expected data of shape (N, {flow.dim}), got {tuple(data.shape)}")
+    if not torch.isfinite(data).all():
+        raise ValueError("data contains non-finite values (NaN or inf)")
+    if flow.context_dim > 0:
+        if context is None:
+            raise ValueError(
+                f"the flow is conditional: pass a context of shape (N, {flow.context_dim})"
+            )
+        if not isinstance(context, Tensor) or tuple(context.shape) != (
+            data.shape[0],
+            flow.context_dim,
+        ):
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context)
+            raise ValueError(
+                f"expected a context of shape ({data.shape[0]}, {flow.context_dim}), got {shape}"
+            )
+        if not torch.isfinite(context).all():
+            raise ValueError("context contains non-finite values (NaN or inf)")
+    elif context is not None:
+        raise ValueError("the flow is unconditional (context_dim=0) but a context was given")
+
+
+def _is_batch(batch: object) -> bool:
+    if isinstance(batch, list | tuple):
+        return bool(batch) and all(isinstance(t, Tensor) for t in batch)
+    return isinstance(batch, Tensor)
+
+
+def _is_map_dataset(data: object) -> bool:
+    return isinstance(data, Dataset) and not isinstance(data, IterableDataset)
+
+
+def _loaders(
+    flow: Flow,
+    data: object,
+    context: Tensor | None,
+    validation_data: object,
+    validation_fraction: float,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+) -> tuple[Iterable[Batch], Iterable[Batch] | None, Tensor | None]:
+    """The training batches, the validation batches (or None) and the held-out indices."""
+    if isinstance(data, Tensor):
+        _check_tensor_data(flow, data, context)
+        data = ArrayDataset(data, context)
+    elif context is not None:
+        raise ValueError(
+            "context= goes with a data tensor; a dataset or loader carries its context "
+            f"in its items as (x, context) pairs (got data of type {type(data).__name__})"
+        )
+    elif isinstance(data, str | bytes) or not isinstance(data, Iterable | Dataset):
+        raise ValueError(
+            "expected data as a tensor of shape (N, D), a Dataset or an iterable of "
+            f"minibatches, got {type(data).__name__}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    if not _is_map_dataset(data):
+        if isinstance(data, IterableDataset):  # an iterable of rows
+            data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        return data, _validation_batches(validation_data, batch_size), None
+    split = validation_fraction if validation_data is None else 0.0
+    train_index, validation_index = split_indices(len(data), split, generator)
+    train = batch_loader(
+        data,
+        train_index,
+        batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=num_workers,
+    )
+    if validation_data is not None:
+        return train, _validation_batches(validation_data, batch_size), None
+    if len(validation_index) == 0:
+        return train, None, None
+    validation = batch_loader(
+        data, validation_index, batch_size, shuffle=False, generator=generator
+    )
+    return train, validation, validation_index
+
+
+def _validation_batches(validation_data: object, batch_size: int) -> Iterable[Batch] | None:
+    if validation_data is None:
+        return None
+    if isinstance(validation_data, Tensor):
+        validation_data = ArrayDataset(validation_data)
+    elif isinstance(validation_data, tuple) and all(isinstance(t, Tensor) for t in validation_data):
+        validation_data = ArrayDataset(*validation_data)
+    if _is_map_dataset(validation_data):
+        indices = torch.arange(len(validation_data))
+        return batch_loader(
+            validation_data, indices, batch_size, shuffle=False, generator=torch.Generator()
+        )
+    if isinstance(validation_data, IterableDataset):
+        return torch.utils.data.DataLoader(validation_data, batch_size=batch_size)
+    return validation_data
+
+
+# --------------------------------------------------------------------------------------
+# fit: the single-process driver
+# --------------------------------------------------------------------------------------
+
+
+def fit(
+    flow: Flow,
+    data: Tensor | Dataset | Iterable[Batch],
+    context: Tensor | None = None,
+    *,
+    validation_data: Tensor | tuple[Tensor, Tensor] | Dataset | Iterable[Batch] | None = None,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    validation_fraction: float = 0.1,
+    patience: int | None = 10,
+    seed: int = 0,
+    progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    num_workers: int = 0,
+) -> FitHistory:
+    r"""Train a flow by maximum likelihood with minibatches and early stopping.
+
+    .. math::
+        \max_\phi \frac{1}{|B|} \sum_{i \in B} \log p_\phi(x_i \mid c_i)
+
+    over shuffled minibatches ``B`` of the training split. After each epoch the mean
+    log-likelihood of the validation split is computed (in eval mode, without
+    gradients); training stops when it has not improved for ``patience`` epochs, and
+    the parameters of the best epoch are restored at the end. Without validation data
+    every epoch runs and the final parameters are kept. Direction: the loss evaluates
+    x -> z (density), the cheap direction of MAF and coupling flows.
+
+    The data may be:
+
+    - a tensor ``(N, D)`` with an optional ``context`` ``(N, C)``: a random
+      ``validation_fraction`` of the rows is held out (``history.validation_index``);
+    - a map-style :class:`~torch.utils.data.Dataset` whose items are rows ``x`` or
+      pairs ``(x, context)``: split and shuffled in the same way, so a dataset and the
+      equivalent tensor give the same minibatches and the same parameters for the same
+      seed (an :class:`~pyro_nf.infer.data.ArrayDataset` reads a whole minibatch at a
+      time, e.g. from a memory-mapped ``.npy`` file);
+    - an iterable of ready minibatches (a ``DataLoader``,
+      :class:`~pyro_nf.infer.data.NpyBatches` streaming from disk) or an
+      ``IterableDataset`` of rows (batched here): used as given, each pass one epoch;
+      there is no automatic split, validation comes from ``validation_data`` only.
+
+    ``validation_data`` (a tensor, an ``(x, context)`` pair of tensors, a dataset or an
+    iterable of minibatches) replaces the automatic split.
+
+    A non-finite loss or gradient stops training: the parameters of the end of the last
+    completed epoch are restored and :class:`NonFiniteLossError` (a
+    ``FloatingPointError``) is raised, naming the epoch and step and carrying the
+    history. The optimizer's state is not restored. Invalid minibatches in a dataset or
+    stream raise ``ValueError`` when they are read, after the same restore.
+
+    Arguments:
+        flow: the flow to train in place (its device and dtype are used: minibatches are
+            moved there).
+        data: the training data (see above).
+        context: shape ``(N, flow.context_dim)`` with a data tensor and a conditional
+            flow, else None.
+        validation_data: explicit validation data (see above), or None.
+        epochs: the maximum number of passes over the training data.
+        batch_size: the minibatch size (for tensors, datasets and iterable datasets).
+        lr: the learning rate of the default Adam optimizer.
+        validation_fraction: the fraction held out of a tensor or map-style dataset, in
+            ``[0, 1)``, when ``validation_data`` is None.
+        patience: epochs without validation improvement before stopping (None: never
+            stop early).
+        seed: the seed of the split and of the shuffling (the global RNG is untouched).
+        progress: show a tqdm progress bar over epochs.
+        optimizer: an optimizer over the flow's parameters (default:
+            ``torch.optim.Adam(flow.parameters(), lr)``).
+        num_workers: ``DataLoader`` worker processes reading a dataset (0: read in this
+            process).
+
+    Returns:
+        a :class:`FitHistory`.
+
+    Raises:
+        ValueError, TypeError: on invalid input, before any training (for a dataset or
+            stream: when the offending minibatch is read).
+        NonFiniteLossError: on a non-finite loss or gradient.
+
+    Example:
+        >>> flow = pyro_nf.realnvp(dim=2, num_layers=2, hidden_dims=(16,))
+        >>> data = torch.randn(200, 2) * 2.0 + 1.0
+        >>> history = fit(flow, data, epochs=5, batch_size=50, lr=1e-2, progress=False)
+        >>> history.epochs_run, len(history.validation_log_likelihood)
+        (5, 5)
+    """
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow must be a pyro_nf.Flow, got {type(flow).__name__}")
+    if isinstance(data, list | tuple) and not all(_is_batch(b) for b in data):
+        # A nested list of numbers is not a minibatch source: say what a tensor should have been.
+        raise ValueError(f"expected data of shape (N, {flow.dim}), got {type(data).__name__}")
+    if not isinstance(validation_fraction, int | float) or not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+    epochs = _positive_int("epochs", epochs)
+    batch_size = _positive_int("batch_size", batch_size)
+    if patience is not None:
+        patience = _positive_int("patience", patience)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    if optimizer is None:
+        if not isinstance(lr, int | float) or not lr > 0:
+            raise ValueError(f"lr must be a positive float, got {lr!r}")
+    elif not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    train_batches, validation_batches, validation_index = _loaders(
+        flow, data, context, validation_data, validation_fraction, batch_size, seed, num_workers
+    )
+    if optimizer is None:
+        optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+
+    history = FitHistory(validation_index=validation_index)
+    stopping = EarlyStopping(patience if validation_batches is not None else None)
+    last_good = LastGoodParameters(flow)
+    best_state = None
+    was_training = flow.training
+    flow.train()
+    bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
+    try:
+        for epoch in bar:
+            history.train_log_likelihood.append(
+                _train_epoch(flow, train_batches, optimizer, epoch, history)
+            )
+            last_good.save()
+            postfix = {"train": f"{history.train_log_likelihood[-1]:.3f}"}
+            if validation_batches is not None:
+                value = validation_log_likelihood(flow, validation_batches)
+                history.validation_log_likelihood.append(value)
+                postfix["validation"] = f"{value:.3f}"
+                if stopping.update(value, epoch):
+                    best_state = last_good.state
+            bar.set_postfix(postfix)
+            if stopping.should_stop:
+                history.stopped_early = True
+                break
+    except (NonFiniteLossError, ValueError):
+        last_good.restore()
+        raise
+    finally:
+        bar.close()
+        flow.train(was_training)
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+        history.best_epoch = stopping.best_epoch
+        history.best_validation_log_likelihood = stopping.best
+    else:
+        history.best_epoch = history.epochs_run - 1
+    return history
+
+
+def _train_epoch(
+    flow: Flow,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    history: FitHistory,
+) -> float:
+    """One pass of updates; the mean training log-likelihood per point of the pass."""
+    total, count = 0.0, 0
+    for step, batch in enumerate(batches):
+        x, c = prepare_batch(batch, flow.dim, flow.context_dim, flow.base_loc)
+        loss = -batch_log_likelihood(flow, x, c).mean()
+        failure = optimization_step(loss, optimizer)
+        if failure is not None:
+            start = "the start" if epoch == 0 else f"the end of epoch {epoch - 1}"
+            raise NonFiniteLossError(
+                f"non-finite {failure} at epoch {epoch}, step {step}; the flow holds the "
+                f"parameters of {start}",
+                epoch=epoch,
+                step=step,
+                history=history,
+            )
+        total += float(loss.detach()) * x.shape[0]
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("the training data are empty")
+    return -total / count
