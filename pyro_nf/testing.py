@@ -9,15 +9,22 @@ Users can run it on transforms of their own::
 Each ``check_*`` method builds fresh transforms from the factory (in float64 unless
 the check is about dtypes), perturbs their parameters so that a transform initialized
 at the identity is not tested at the identity, and raises ``AssertionError`` on a
-violation. The test suite parametrizes over the checks, so a failure names the check.
+violation, or :class:`NotApplicable` when the check does not apply to the transform
+(a permutation has no parameters to train). The test suite parametrizes over
+:data:`CONTRACT_CHECKS`, so a failure names the check.
+
+A check leaves no trace: the global random state, the default dtype and the Pyro
+parameter store are as they were afterwards, also when the check fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -29,9 +36,60 @@ from pyro.optim import Adam
 from torch import Tensor
 from torch.distributions import Transform
 
-__all__ = ["TransformContract", "CONTRACT_CHECKS", "perturb_parameters"]
+from pyro_nf.flows import FlowDistribution
+
+__all__ = ["TransformContract", "CONTRACT_CHECKS", "NotApplicable", "perturb_parameters"]
 
 BATCH_SHAPES: tuple[tuple[int, ...], ...] = ((), (5,), (4, 3))
+#: Sample shapes of the read-only check: a single draw, a batch of one (where an
+#: expanded parameter can alias its output), an empty batch, a batch, and two batch dims.
+READ_SAMPLE_SHAPES: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (5,), (4, 3))
+
+
+class NotApplicable(Exception):
+    """Raised by a contract check that does not apply to the transform it was given."""
+
+
+@contextlib.contextmanager
+def _no_trace(store_prefix: str) -> Iterator[None]:
+    """Restore the random state and the default dtype, and drop the Pyro parameters
+    named ``store_prefix*``, whatever happens inside."""
+    dtype = torch.get_default_dtype()
+    store = pyro.get_param_store()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+        for name in [name for name in store.keys() if name.startswith(store_prefix)]:
+            del store[name]
+
+
+def _leaves_no_trace(check: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(check)
+    def wrapper(self: TransformContract, *args: object) -> None:
+        with _no_trace(self._store_prefix):
+            check(self, *args)
+
+    return wrapper
+
+
+def _state_snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def _changed_entries(module: torch.nn.Module, snapshot: dict[str, Tensor]) -> list[str]:
+    """Names of parameters and buffers that differ bit for bit (or appeared or vanished)."""
+    state = module.state_dict()
+    changed = sorted(set(state) ^ set(snapshot))
+    for name, tensor in state.items():
+        if name in snapshot and not (
+            tensor.shape == snapshot[name].shape
+            and tensor.dtype == snapshot[name].dtype
+            and torch.equal(tensor, snapshot[name])
+        ):
+            changed.append(name)
+    return changed
 
 
 def perturb_parameters(
@@ -103,6 +161,10 @@ class TransformContract:
     device: str = "cpu"
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def _store_prefix(self) -> str:
+        return f"pyro_nf_contract_{id(self)}_"
+
     def make(
         self,
         dtype: torch.dtype = torch.float64,
@@ -156,6 +218,7 @@ class TransformContract:
         )
 
     # ------------------------------------------------------------------ checks
+    @_leaves_no_trace
     def check_round_trip(self) -> None:
         """z -> x -> z and x -> z -> x, uncached and through the cache, in float64."""
         transform = self.make()
@@ -172,6 +235,7 @@ class TransformContract:
         assert bound.inv(x_cached) is z, "the inverse of a cached pair must return its input"
         self._assert_close(bound(bound.inv(x_data)), x_data, tol, "cached x -> z -> x")
 
+    @_leaves_no_trace
     def check_log_det_matches_jacobian(self) -> None:
         """log|det dx/dz| (both passes) equals slogdet of the autograd Jacobian, float64."""
         transform = self.make()
@@ -194,6 +258,7 @@ class TransformContract:
                 bound.log_abs_det_jacobian(z[i], bound(z[i])), expected, tol, "cached log-det"
             )
 
+    @_leaves_no_trace
     def check_batch_shapes(self) -> None:
         """Outputs keep the batch shape; log-dets have it; log_prob matches a hand computation."""
         transform = self.make()
@@ -216,12 +281,13 @@ class TransformContract:
             assert log_prob.shape == batch_shape
             self._assert_close(log_prob, by_hand, self.log_det_tolerance, f"log_prob {batch_shape}")
 
+    @_leaves_no_trace
     def check_gradients(self) -> None:
         """rsample and log_prob give every parameter a finite gradient, in train and eval mode."""
         transform = self.make()
         parameters = [p for p in transform.parameters() if p.requires_grad]
         if not parameters:
-            return  # nothing to differentiate: a fixed transform (a permutation)
+            raise NotApplicable("the transform has no parameters to differentiate")
         for mode in ("train", "eval"):
             transform.train(mode == "train")
             for parameter in parameters:
@@ -240,6 +306,7 @@ class TransformContract:
                 )
         transform.train()
 
+    @_leaves_no_trace
     def check_state_dict_round_trip(self) -> None:
         """A transform loaded from another's state_dict gives identical outputs."""
         source = self.make()
@@ -253,6 +320,7 @@ class TransformContract:
         z_back = _fresh_inverse(self.bind(target, context), x_source)[0]
         assert torch.equal(z_back, _fresh_inverse(self.bind(source, context), x_source)[0])
 
+    @_leaves_no_trace
     def check_copy_and_pickle(self) -> None:
         """deepcopy, pickle and torch.save work after a cached forward call, also for .inv."""
         transform = self.make()
@@ -283,6 +351,7 @@ class TransformContract:
                 output = forward_of(clone)(z).detach()
                 self._assert_close(output, expected, 0.0, f"{how} of {name}")
 
+    @_leaves_no_trace
     def check_double_under_float32_default(self) -> None:
         """``.double()`` works in both directions while the default dtype stays float32."""
         previous = torch.get_default_dtype()
@@ -304,6 +373,7 @@ class TransformContract:
         finally:
             torch.set_default_dtype(previous)
 
+    @_leaves_no_trace
     def check_cache_consistency(self) -> None:
         """The cached log-det of a forward pair equals a fresh computation."""
         transform = self.make()
@@ -323,34 +393,34 @@ class TransformContract:
             "inverse pair",
         )
 
+    @_leaves_no_trace
     def check_svi_steps(self) -> None:
         """Several Pyro SVI steps in a row with the transform as a guide raise nothing."""
         transform = self.make(dtype=torch.float32)
         _, context = self.inputs(batch_shape=(), dtype=torch.float32)
-        name = f"contract_{id(transform)}"
+        name = f"{self._store_prefix}{id(transform)}"
 
         def model() -> None:
-            loc = torch.ones(self.dim, device=self.device)
+            loc = torch.ones(self.dim, device=self.device, dtype=torch.float32)
             pyro.sample("latent", dist.Normal(loc, 2 * torch.ones_like(loc)).to_event(1))
 
         def guide() -> None:
             pyro.module(name, transform)
-            base = self.base(torch.zeros(self.dim, device=self.device))
+            base = self.base(torch.zeros(self.dim, device=self.device, dtype=torch.float32))
             pyro.sample(
                 "latent", dist.TransformedDistribution(base, [self.bind(transform, context)])
             )
 
-        pyro.clear_param_store()
         svi = SVI(model, guide, Adam({"lr": 1e-3}), Trace_ELBO())
         losses = [svi.step() for _ in range(self.svi_steps)]
-        pyro.clear_param_store()
         assert all(torch.isfinite(torch.tensor(losses))), f"non-finite SVI losses {losses}"
 
+    @_leaves_no_trace
     def check_fresh_density_with_same_data_tensor(self) -> None:
         """Full-batch training with one data tensor object gets fresh log-densities each step."""
         transform = self.make(dtype=torch.float32)
         if not any(p.requires_grad for p in transform.parameters()):
-            return  # a fixed transform has no parameters to train
+            raise NotApplicable("the transform has no parameters to train")
         x_data, context = self.inputs(batch_shape=(16,), dtype=torch.float32, seed=6)
         bound = self.bind(transform, context)
         distribution = dist.TransformedDistribution(self.base(x_data), [bound])
@@ -368,6 +438,7 @@ class TransformContract:
             (-log_prob.mean()).backward()
             optimizer.step()
 
+    @_leaves_no_trace
     def check_backward_twice_without_step(self) -> None:
         """Two log_prob + backward rounds on one data tensor, no step between: no error.
 
@@ -386,6 +457,7 @@ class TransformContract:
             values.append(log_prob.detach())
         self._assert_close(values[1], values[0], 1e-6, "second log_prob")
 
+    @_leaves_no_trace
     def check_shape_errors(self) -> None:
         """A wrong last dimension (or context) raises a ValueError naming both sizes."""
         transform = self.make()
@@ -427,6 +499,7 @@ class TransformContract:
             else:
                 raise AssertionError("a conditional transform called without context must raise")
 
+    @_leaves_no_trace
     def check_device(self, device: str | torch.device) -> None:
         """Both directions and log_prob run on ``device`` and return tensors there."""
         device = torch.device(device)
@@ -438,14 +511,80 @@ class TransformContract:
         for value in (x, bound.inv(z), log_prob):
             assert value.device.type == device.type, f"output on {value.device}, expected {device}"
 
-    def check_all(self) -> None:
-        """Run every check of :data:`CONTRACT_CHECKS` on the CPU."""
+    @_leaves_no_trace
+    def check_reads_never_write(self) -> None:
+        """Sampling, scoring and inverting leave every parameter and buffer bit-identical.
+
+        Reads are ``sample`` and ``rsample`` of the transformed distribution, its
+        ``log_prob`` of its own draws and of foreign points, the transform in both
+        directions (``t(z)``, ``t.inv(x)``, the log-det), through a conditioned binding
+        when the transform is conditional: for every shape of
+        :data:`READ_SAMPLE_SHAPES`, with autograd on and off, in train and eval mode.
+        Data-dependent initialisation (ActNorm's first pass) is the one documented
+        write: one pass runs before the state is recorded.
+        """
+        transform = self.make()
+        if not isinstance(transform, torch.nn.Module):
+            raise NotApplicable("the transform is not an nn.Module: it holds no state")
+        warm_up, context = self.inputs(batch_shape=(8,))
+        _fresh_inverse(self.bind(transform, context), warm_up)
+        snapshot = _state_snapshot(transform)
+        _, context = self.inputs(batch_shape=())
+        base = self.base(warm_up)
+        for mode in ("train", "eval"):
+            transform.train(mode == "train")
+            for grad in (True, False):
+                for shape in READ_SAMPLE_SHAPES:
+                    with torch.set_grad_enabled(grad):
+                        bound = self.bind(transform, context)
+                        distribution = FlowDistribution(base, [bound])
+                        draws = distribution.sample(shape)
+                        distribution.log_prob(draws)
+                        if grad:
+                            distribution.log_prob(distribution.rsample(shape))
+                        foreign, _ = self.inputs(batch_shape=shape, seed=8)
+                        distribution.log_prob(foreign)
+                        z = bound.inv(foreign)
+                        bound.log_abs_det_jacobian(z, foreign)
+                        bound(foreign)
+                    changed = _changed_entries(transform, snapshot)
+                    assert not changed, (
+                        f"reading the transform wrote into its state ({mode} mode, autograd "
+                        f"{'on' if grad else 'off'}, sample shape {shape}): {changed}"
+                    )
+        transform.train()
+
+    def check_all(self) -> dict[str, str]:
+        """Run every check of :data:`CONTRACT_CHECKS` on the CPU.
+
+        Returns ``{check: "passed"}`` or ``{check: "not applicable: <why>"}`` per check;
+        a violated check raises ``AssertionError`` (or the error the transform raised).
+        """
+        results = {}
         for check in CONTRACT_CHECKS:
-            getattr(self, check)()
+            try:
+                getattr(self, check)()
+            except NotApplicable as reason:
+                results[check] = f"not applicable: {reason}"
+            else:
+                results[check] = "passed"
+        return results
 
 
-CONTRACT_CHECKS: tuple[str, ...] = tuple(
-    name
-    for name in vars(TransformContract)
-    if name.startswith("check_") and name not in ("check_device", "check_all")
+#: The contract's checks, in the order :meth:`TransformContract.check_all` runs them.
+#: (``check_device`` takes the device as an argument and is run by the CUDA tests.)
+CONTRACT_CHECKS: tuple[str, ...] = (
+    "check_round_trip",
+    "check_log_det_matches_jacobian",
+    "check_batch_shapes",
+    "check_gradients",
+    "check_state_dict_round_trip",
+    "check_copy_and_pickle",
+    "check_double_under_float32_default",
+    "check_cache_consistency",
+    "check_svi_steps",
+    "check_fresh_density_with_same_data_tensor",
+    "check_backward_twice_without_step",
+    "check_shape_errors",
+    "check_reads_never_write",
 )
