@@ -53,6 +53,19 @@ def autoregressive_order(order: str | Sequence[int] | Tensor, dim: int, seed: in
     return permutation.long()
 
 
+def _linear(inputs: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.linear``, also for a zero-width input (the first position of the order).
+
+    With no input feature the output is the bias, copied to the batch. TorchScript's
+    derivative of ``linear`` (``JitTrace_ELBO``) reshapes the input to ``(-1, 0)`` and
+    fails, so that case never reaches it; the copy keeps the result from aliasing the
+    parameter.
+    """
+    if weight.shape[-1] == 0:
+        return bias.expand(*inputs.shape[:-1], bias.shape[-1]).clone()
+    return F.linear(inputs, weight, bias)
+
+
 def _hidden_degrees(width: int, dim: int, lowest: int) -> Tensor:
     """Sorted degrees of ``width`` hidden units, spread evenly over ``[lowest, dim - 2]``.
 
@@ -205,7 +218,7 @@ class MADE(nn.Module):
         check_context("MADE", context, self.context_dim)
 
     def _hidden(self, h: Tensor, index: int, weight: Tensor, bias: Tensor) -> Tensor:
-        a = self.activations[index](F.linear(h, weight, bias))
+        a = self.activations[index](_linear(h, weight, bias))
         return h + a if self.residual and index > 0 else a
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
@@ -288,7 +301,7 @@ class AutoregressiveSteps:
         for index, (weight, bias) in enumerate(self.hidden, start=1):
             size, previous = sizes[index], sizes[index - 1]
             h = made._hidden(h, index, weight[:size, :previous], bias[:size])
-        return F.linear(h, self.output_weight[i][:, : sizes[-1]], self.output_bias[i])
+        return _linear(h, self.output_weight[i][:, : sizes[-1]], self.output_bias[i])
 
     def feed(self, i: int, value: Tensor) -> None:
         """Give the value ``(B,)`` of the variable at position ``i`` of the order."""

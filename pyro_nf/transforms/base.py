@@ -97,7 +97,10 @@ class PairCache:
 
     @staticmethod
     def _stamp(z: Tensor, x: Tensor, state: tuple) -> tuple:
-        return (_version_of(z), _version_of(x), torch.is_grad_enabled(), state)
+        # An entry made outside a torch.jit trace is a constant to the tracer (it fails
+        # on one that requires grad), so an entry made outside a trace is not used in one.
+        tracing = torch.jit.is_tracing()
+        return (_version_of(z), _version_of(x), torch.is_grad_enabled(), tracing, state)
 
     def store(self, z: Tensor, x: Tensor, log_det: Tensor, state: tuple) -> None:
         self._entry = (z, x, log_det, self._stamp(z, x, state))
