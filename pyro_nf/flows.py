@@ -33,7 +33,8 @@ from pyro_nf.transforms.autoregressive import (
 )
 from pyro_nf.transforms.continuous import ContinuousFlow
 from pyro_nf.transforms.coupling import Coupling, half_mask
-from pyro_nf.transforms.coupling_functions import CouplingFunction, coupling_function
+from pyro_nf.transforms.coupling_functions import CouplingFunction
+from pyro_nf.transforms.coupling_functions import coupling_function as make_coupling_function
 from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 
 __all__ = [
@@ -198,6 +199,22 @@ def permutation_layer(kind: str | None, dim: int, seed: int) -> Transform | None
     raise ValueError(f"unknown permutation {kind!r}; expected 'reverse', 'random', 'lu' or None")
 
 
+def renamed(value: object, old_value: object, name: str, old_name: str, default: object) -> object:
+    """The value of an argument that also has an older spelling (a documented alias).
+
+    Raises:
+        ValueError: both spellings are given with different values.
+    """
+    if old_value is None:
+        return value
+    if value != default and value != old_value:
+        raise ValueError(
+            f"{old_name}= is the older spelling of {name}=; give one of them, got "
+            f"{name}={value!r} and {old_name}={old_value!r}"
+        )
+    return old_value
+
+
 def _builder_args(
     dim: object, num_layers: object, context_dim: object, layers_name: str = "num_layers"
 ) -> tuple[int, int, int]:
@@ -225,14 +242,16 @@ def realnvp(
     num_layers: int = 4,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling: str | CouplingFunction = "affine",
+    coupling_function: str | CouplingFunction = "affine",
     coupling_kwargs: dict | None = None,
     activation: str = "relu",
     permutation: str | None = None,
     actnorm: bool = False,
     seed: int = 0,
+    *,
+    coupling: str | CouplingFunction | None = None,
 ) -> Flow:
-    """A coupling flow (real NVP; NICE with ``coupling="additive"``; spline coupling).
+    """A coupling flow (real NVP; NICE with ``coupling_function="additive"``; spline coupling).
 
     Layer ``i`` keeps one half of the coordinates and transforms the other half with
     ``h(z_B; g(z_A))``; consecutive layers swap the halves (the reference text's
@@ -244,7 +263,7 @@ def realnvp(
         num_layers: the number of coupling layers.
         hidden_dims: hidden sizes of each layer's MLP conditioner.
         context_dim: context size for a conditional flow (0: unconditional).
-        coupling: ``"affine"`` (real NVP), ``"additive"`` (NICE), ``"spline"``
+        coupling_function: ``"affine"`` (real NVP), ``"additive"`` (NICE), ``"spline"``
             (rational-quadratic) or a :class:`CouplingFunction`.
         coupling_kwargs: keyword arguments of the coupling function (e.g.
             ``{"num_bins": 8, "bound": 3.0}`` for the spline).
@@ -253,6 +272,7 @@ def realnvp(
             ``None`` (default), ``"reverse"``, ``"random"`` or ``"lu"``.
         actnorm: put an :class:`ActNorm` layer before every coupling layer.
         seed: seed of random permutations.
+        coupling: the older spelling of ``coupling_function``, kept as an alias.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -263,12 +283,15 @@ def realnvp(
         torch.Size([10])
     """
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
+    coupling_function = renamed(
+        coupling_function, coupling, "coupling_function", "coupling", "affine"
+    )
     if dim < 2:
         raise ValueError(
             f"a coupling flow needs dim >= 2 to split the input in two, got dim={dim}; "
             "use an autoregressive flow (maf/iaf) or a continuous flow (cnf) in one dimension"
         )
-    function = coupling_function(coupling, **(coupling_kwargs or {}))
+    function = make_coupling_function(coupling_function, **(coupling_kwargs or {}))
     layers: list[Transform] = []
     for i in range(num_layers):
         if actnorm:
@@ -291,7 +314,7 @@ def realnvp(
 def cnf(
     dim: int,
     hidden_dims: Sequence[int] = (64, 64),
-    num_blocks: int = 1,
+    num_layers: int = 1,
     trace: str = "exact",
     probe: str = "gaussian",
     adjoint: bool = True,
@@ -305,8 +328,10 @@ def cnf(
     regularize: bool = False,
     actnorm: bool = False,
     activation: str = "tanh",
+    *,
+    num_blocks: int | None = None,
 ) -> Flow:
-    r"""A continuous normalizing flow (FFJORD): ``num_blocks`` ODE transforms in a row.
+    r"""A continuous normalizing flow (FFJORD): ``num_layers`` ODE transforms in a row.
 
     Each block integrates :math:`dz/dt = f_k(z, t[, c])` over :math:`[0, T]` with the
     log-determinant :math:`\int_0^T \operatorname{tr}(\partial f_k/\partial z)\,dt`
@@ -316,7 +341,7 @@ def cnf(
     Arguments:
         dim: the event size D (1 is allowed).
         hidden_dims: hidden sizes of each block's concat-squash dynamics network.
-        num_blocks: the number of ODE blocks.
+        num_layers: the number of ODE blocks.
         trace: ``"exact"`` (small D) or ``"hutchinson"`` (large D); switchable later
             through each block's ``trace`` attribute.
         probe: the Hutchinson probe, ``"gaussian"`` or ``"rademacher"``.
@@ -332,6 +357,7 @@ def cnf(
             them with :func:`~pyro_nf.transforms.collect_regularization`).
         actnorm: put an :class:`ActNorm` layer before every block.
         activation: the dynamics' activation (smooth: ``"tanh"`` or ``"softplus"``).
+        num_blocks: the older spelling of ``num_layers``, kept as an alias.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -341,9 +367,10 @@ def cnf(
         >>> flow.log_prob(torch.randn(10, 2)).shape
         torch.Size([10])
     """
-    dim, num_blocks, context_dim = _builder_args(dim, num_blocks, context_dim, "num_blocks")
+    num_layers = renamed(num_layers, num_blocks, "num_layers", "num_blocks", 1)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     layers: list[Transform] = []
-    for _ in range(num_blocks):
+    for _ in range(num_layers):
         if actnorm:
             layers.append(ActNorm(dim))
         layers.append(
@@ -373,7 +400,7 @@ def _autoregressive_flow(
     num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int,
-    coupling: str | CouplingFunction,
+    coupling_function: str | CouplingFunction,
     coupling_kwargs: dict | None,
     permutation: str | None,
     order: str | Sequence[int] | Tensor,
@@ -382,7 +409,7 @@ def _autoregressive_flow(
     seed: int,
 ) -> Flow:
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
-    function = coupling_function(coupling, **(coupling_kwargs or {}))
+    function = make_coupling_function(coupling_function, **(coupling_kwargs or {}))
     layers: list[Transform] = []
     for i, (order_seed, permutation_seed) in enumerate(_layer_seeds(seed, num_layers)):
         layers.append(
@@ -409,13 +436,15 @@ def maf(
     num_layers: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling: str | CouplingFunction = "affine",
+    coupling_function: str | CouplingFunction = "affine",
     coupling_kwargs: dict | None = None,
     permutation: str | None = "reverse",
     order: str | Sequence[int] | Tensor = "natural",
     activation: str = "relu",
     residual: bool = False,
     seed: int = 0,
+    *,
+    coupling: str | CouplingFunction | None = None,
 ) -> Flow:
     r"""A masked autoregressive flow: a stack of :class:`MaskedAutoregressive` layers.
 
@@ -428,7 +457,7 @@ def maf(
         num_layers: the number of autoregressive layers.
         hidden_dims: hidden sizes of each layer's MADE.
         context_dim: context size for a conditional flow (0: unconditional).
-        coupling: ``"affine"``, ``"additive"``, ``"spline"`` (rational-quadratic) or a
+        coupling_function: ``"affine"``, ``"additive"``, ``"spline"`` (rational-quadratic) or a
             :class:`CouplingFunction`.
         coupling_kwargs: keyword arguments of the coupling function (e.g.
             ``{"num_bins": 8, "bound": 3.0}`` for the spline).
@@ -438,7 +467,8 @@ def maf(
             ``"reverse"``, ``"random"`` (seeded per layer) or an explicit permutation.
         activation: the conditioners' activation.
         residual: residual hidden layers in the conditioners (equal hidden sizes).
-        seed: seed of random orders and permutations.
+        seed: seed of random orders and permutations (independent streams per layer).
+        coupling: the older spelling of ``coupling_function``, kept as an alias.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -458,7 +488,7 @@ def maf(
         num_layers,
         hidden_dims,
         context_dim,
-        coupling,
+        renamed(coupling_function, coupling, "coupling_function", "coupling", "affine"),
         coupling_kwargs,
         permutation,
         order,
@@ -473,13 +503,15 @@ def iaf(
     num_layers: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling: str | CouplingFunction = "affine",
+    coupling_function: str | CouplingFunction = "affine",
     coupling_kwargs: dict | None = None,
     permutation: str | None = "reverse",
     order: str | Sequence[int] | Tensor = "natural",
     activation: str = "relu",
     residual: bool = False,
     seed: int = 0,
+    *,
+    coupling: str | CouplingFunction | None = None,
 ) -> Flow:
     r"""An inverse autoregressive flow: a stack of :class:`InverseAutoregressive` layers.
 
@@ -510,7 +542,7 @@ def iaf(
         num_layers,
         hidden_dims,
         context_dim,
-        coupling,
+        renamed(coupling_function, coupling, "coupling_function", "coupling", "affine"),
         coupling_kwargs,
         permutation,
         order,

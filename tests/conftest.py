@@ -1,5 +1,16 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: a few derandomized examples per test in the default run (the
+# suite's time budget), many more with ``--hypothesis-profile=long``.
+_hypothesis_common = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("fast", max_examples=6, derandomize=True, **_hypothesis_common)
+settings.register_profile("long", max_examples=300, **_hypothesis_common)
+settings.load_profile("fast")
 
 
 def pytest_addoption(parser):

@@ -52,7 +52,7 @@ def exponential_flow(dim, **kwargs):
 @pytest.mark.parametrize("dim", [2, 3], ids=["D2", "D3"])
 def test_log_det_equals_slogdet_of_the_whole_flow_map(dim):
     torch.manual_seed(0)
-    flow = pyro_nf.cnf(dim, hidden_dims=(8,), num_blocks=2, actnorm=True, adjoint=False, **TIGHT)
+    flow = pyro_nf.cnf(dim, hidden_dims=(8,), num_layers=2, actnorm=True, adjoint=False, **TIGHT)
     perturb_parameters(flow.double())
     transform = flow.transform
     z = (1.5 * torch.randn(3, dim, dtype=torch.float64)).requires_grad_(True)
@@ -227,7 +227,7 @@ def test_gradcheck_tiny_problem(method, adjoint, options):
 # --------------------------------------------------------------------------- solve counts
 @pytest.mark.parametrize("num_blocks", [1, 2])
 def test_log_prob_runs_one_solve_per_block(num_blocks):
-    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_blocks=num_blocks)
+    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_layers=num_blocks)
     blocks = [layer for layer in flow.layers if isinstance(layer, ContinuousFlow)]
     for block in blocks:
         block.ode.reset_counters()
@@ -274,7 +274,7 @@ def test_regularizers_of_exponential_growth():
 
 
 def test_collect_regularization_sums_blocks_and_carries_gradients():
-    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_blocks=2, regularize=True, trace="hutchinson")
+    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_layers=2, regularize=True, trace="hutchinson")
     with pytest.raises(ValueError, match="regularize=True"):
         collect_regularization(flow)
     loss = -flow.log_prob(torch.randn(16, 2)).mean()
@@ -339,7 +339,7 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 # --------------------------------------------------------------------------- builder
 @pytest.mark.parametrize("context_dim", [0, 2], ids=["unconditional", "conditional"])
 def test_cnf_builder_shapes(context_dim):
-    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_blocks=2, actnorm=True, context_dim=context_dim)
+    flow = pyro_nf.cnf(2, hidden_dims=(8,), num_layers=2, actnorm=True, context_dim=context_dim)
     assert [type(layer) for layer in flow.layers] == [ActNorm, ContinuousFlow] * 2
     context = torch.randn(4, 2) if context_dim else None
     distribution = flow(context)
@@ -351,8 +351,18 @@ def test_cnf_builder_shapes(context_dim):
 def test_cnf_builder_in_one_dimension_and_bad_blocks():
     flow = pyro_nf.cnf(1, hidden_dims=(8,), learn_time=True)
     assert flow.log_prob(torch.randn(5, 1)).shape == (5,)
-    with pytest.raises(ValueError, match="num_blocks"):
-        pyro_nf.cnf(2, num_blocks=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        pyro_nf.cnf(2, num_layers=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        pyro_nf.cnf(2, num_blocks=0)  # the older spelling, an alias
+
+
+def test_older_argument_spellings_are_aliases():
+    assert len(pyro_nf.cnf(2, hidden_dims=(8,), num_blocks=2).layers) == 2
+    flow = pyro_nf.maf(3, num_layers=1, hidden_dims=(8,), coupling="spline")
+    assert type(flow.layers[0].coupling_function).__name__ == "RationalQuadraticSpline"
+    with pytest.raises(ValueError, match="older spelling"):
+        pyro_nf.realnvp(2, coupling_function="additive", coupling="spline")
 
 
 def test_cnf_starts_near_identity():

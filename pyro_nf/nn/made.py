@@ -21,8 +21,9 @@ def autoregressive_order(order: str | Sequence[int] | Tensor, dim: int, seed: in
     depend on ``order[:i]`` only.
 
     Arguments:
-        order: ``"natural"`` (0, 1, ..., D-1), ``"reverse"`` (D-1, ..., 0), ``"random"``
-            (drawn from a generator seeded with ``seed``) or an explicit permutation.
+        order: ``"natural"`` (0, 1, ..., D-1; ``"identity"`` is an alias), ``"reverse"``
+            (D-1, ..., 0; ``"reversed"`` is an alias), ``"random"`` (drawn from a
+            generator seeded with ``seed``) or an explicit permutation.
         dim: the number of variables D.
         seed: seed of the random order.
 
@@ -31,7 +32,7 @@ def autoregressive_order(order: str | Sequence[int] | Tensor, dim: int, seed: in
         tensor([2, 1, 0])
     """
     if isinstance(order, str):
-        if order == "natural":
+        if order in ("natural", "identity"):
             return torch.arange(dim)
         if order in ("reverse", "reversed"):
             return torch.arange(dim - 1, -1, -1)

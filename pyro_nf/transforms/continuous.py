@@ -427,7 +427,7 @@ def collect_regularization(module: nn.Module) -> dict[str, Tensor]:
 
     Example:
         >>> import pyro_nf
-        >>> flow = pyro_nf.cnf(2, hidden_dims=(8,), num_blocks=2, regularize=True)
+        >>> flow = pyro_nf.cnf(2, hidden_dims=(8,), num_layers=2, regularize=True)
         >>> data = torch.randn(16, 2)
         >>> loss = -flow.log_prob(data).mean()
         >>> penalty = collect_regularization(flow)

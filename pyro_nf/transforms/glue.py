@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pyro_nf._validation import integer
+from pyro_nf.nn.made import autoregressive_order
 from pyro_nf.transforms.base import FlowTransform, zeros_like_batch
 
 __all__ = ["Permutation", "ActNorm", "LULinear"]
@@ -27,26 +29,21 @@ class Permutation(FlowTransform):
     """
 
     def __init__(self, permutation: Tensor | list[int]) -> None:
-        permutation = torch.as_tensor(permutation, dtype=torch.long)
-        dim = permutation.numel()
-        if permutation.dim() != 1 or not torch.equal(
-            torch.sort(permutation).values, torch.arange(dim)
-        ):
-            raise ValueError(f"expected a permutation of range({dim}), got {permutation.tolist()}")
-        super().__init__(dim)
+        permutation = torch.as_tensor(permutation)
+        permutation = autoregressive_order(permutation, permutation.numel())
+        super().__init__(permutation.numel())
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
     @classmethod
     def reverse(cls, dim: int) -> Permutation:
         """The order reversal ``x = z[..., ::-1]``."""
-        return cls(torch.arange(dim - 1, -1, -1))
+        return cls(autoregressive_order("reverse", integer("dim", dim)))
 
     @classmethod
     def random(cls, dim: int, seed: int = 0) -> Permutation:
         """A random permutation drawn from a generator seeded with ``seed``."""
-        generator = torch.Generator().manual_seed(seed)
-        return cls(torch.randperm(dim, generator=generator))
+        return cls(autoregressive_order("random", integer("dim", dim), seed))
 
     def forward_and_log_det(
         self, z: Tensor, context: Tensor | None = None
@@ -145,7 +142,9 @@ class LULinear(FlowTransform):
 
     Arguments:
         dim: the event size D.
-        permutation: ``"identity"`` (default), ``"reverse"`` or ``"random"`` for ``P``.
+        permutation: ``P`` as ``"natural"`` (the identity, default; ``"identity"`` is an
+            alias), ``"reverse"``, ``"random"`` or an explicit permutation, the same
+            names as an autoregressive order (:func:`~pyro_nf.nn.autoregressive_order`).
         seed: the seed of a random ``P``.
 
     Example:
@@ -155,18 +154,9 @@ class LULinear(FlowTransform):
         True
     """
 
-    def __init__(self, dim: int, permutation: str = "identity", seed: int = 0) -> None:
+    def __init__(self, dim: int, permutation: str = "natural", seed: int = 0) -> None:
         super().__init__(dim)
-        if permutation == "identity":
-            order = torch.arange(dim)
-        elif permutation == "reverse":
-            order = torch.arange(dim - 1, -1, -1)
-        elif permutation == "random":
-            order = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))
-        else:
-            raise ValueError(
-                f"permutation must be 'identity', 'reverse' or 'random', got {permutation!r}"
-            )
+        order = autoregressive_order(permutation, self.dim, seed)
         self.register_buffer("permutation", order)
         self.register_buffer("inverse_permutation", torch.argsort(order))
         self.lower = nn.Parameter(torch.zeros(dim, dim))
