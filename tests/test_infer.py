@@ -2,6 +2,8 @@
 
 import functools
 import math
+import subprocess
+import sys
 
 import arviz as az
 import numpy as np
@@ -528,6 +530,16 @@ def test_importance_draws_rejects_bad_sizes():
         importance_draws(scalar_model, normal_guide(0.0, 1.0), num_samples=1)
     with pytest.raises(ValueError, match="batch_size"):
         importance_draws(scalar_model, normal_guide(0.0, 1.0), num_samples=10, batch_size=0)
+
+
+def test_import_pyro_nf_does_not_import_arviz():
+    # ArviZ (with xarray and matplotlib) roughly doubled the import time; only the
+    # diagnostics need it, and they import it when called.
+    code = "import sys, pyro_nf; print(sorted(m for m in ('arviz', 'xarray') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_neutra_model_density_is_the_pushforward_of_the_target():

@@ -12,6 +12,8 @@ upper tail (PSIS) says whether the weights, hence the guide, can be trusted
 
 Every ArviZ call of the package is in the small section at the end of this module
 (``psislw``, ``from_dict``), so a change of ArviZ's API is a change in one place.
+ArviZ (with xarray and matplotlib, about half of the package's import time) is
+imported there on first use, so ``import pyro_nf`` does not load it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import arviz as az
 import numpy as np
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import arviz as az
 
 __all__ = ["PSISResult", "psis_diagnostic", "importance_draws", "to_inference_data"]
 
@@ -320,7 +324,8 @@ def to_inference_data(
 
 
 # ------------------------------------------------------------------------------------
-# The ArviZ calls (ArviZ 0.x API; ArviZ 1.x moves these functions).
+# The ArviZ calls (ArviZ 0.x API; ArviZ 1.x moves these functions), each importing ArviZ
+# when it is first needed.
 
 
 def _pareto_smoothed_log_weights(log_weights: np.ndarray) -> tuple[np.ndarray, float]:
@@ -329,7 +334,9 @@ def _pareto_smoothed_log_weights(log_weights: np.ndarray) -> tuple[np.ndarray, f
         # The k-hat is returned (and PSISResult.reliable says what it means), so
         # ArviZ's own warning about a large k-hat would only repeat it.
         warnings.simplefilter("ignore", UserWarning)
-        smoothed, khat = az.psislw(log_weights, reff=1.0)
+        import arviz
+
+        smoothed, khat = arviz.psislw(log_weights, reff=1.0)
     return np.asarray(smoothed), float(khat)
 
 
@@ -337,4 +344,6 @@ def _inference_data(samples: dict[str, Tensor], log_weights: Tensor) -> az.Infer
     """``arviz.from_dict`` with one chain of draws and their log weights."""
     posterior = {name: value.detach().cpu().numpy()[None] for name, value in samples.items()}
     sample_stats = {"log_weight": log_weights.detach().cpu().numpy()[None]}
-    return az.from_dict(posterior=posterior, sample_stats=sample_stats)
+    import arviz
+
+    return arviz.from_dict(posterior=posterior, sample_stats=sample_stats)
