@@ -50,6 +50,7 @@ __all__ = [
     "LastGoodParameters",
     "NonFiniteLossError",
     "batch_log_likelihood",
+    "batch_loss",
     "fit",
     "gradients_finite",
     "optimization_step",
@@ -131,6 +132,22 @@ def batch_log_likelihood(flow: Flow, x: Tensor, context: Tensor | None = None) -
     """
     with pyro.validation_enabled(False):
         return flow.log_prob(x, context)
+
+
+def batch_loss(flow: Flow, batch: Batch) -> tuple[Tensor, int]:
+    r"""The training loss of one minibatch and its size: :math:`-\frac{1}{B}\sum_i \log p(x_i \mid c_i)`.
+
+    ``batch`` is checked and moved to the flow's device and dtype by
+    :func:`~pyro_nf.infer.data.prepare_batch`.
+
+    Example:
+        >>> flow = pyro_nf.realnvp(dim=2, num_layers=2, hidden_dims=(8,))
+        >>> loss, size = batch_loss(flow, torch.zeros(5, 2))
+        >>> loss.shape, size
+        (torch.Size([]), 5)
+    """
+    x, context = prepare_batch(batch, flow.dim, flow.context_dim, flow.base_loc)
+    return -batch_log_likelihood(flow, x, context).mean(), x.shape[0]
 
 
 def gradients_finite(parameters: Iterable[Tensor]) -> bool:
@@ -550,8 +567,7 @@ def _train_epoch(
     """One pass of updates; the mean training log-likelihood per point of the pass."""
     total, count = 0.0, 0
     for step, batch in enumerate(batches):
-        x, c = prepare_batch(batch, flow.dim, flow.context_dim, flow.base_loc)
-        loss = -batch_log_likelihood(flow, x, c).mean()
+        loss, size = batch_loss(flow, batch)
         failure = optimization_step(loss, optimizer)
         if failure is not None:
             start = "the start" if epoch == 0 else f"the end of epoch {epoch - 1}"
@@ -562,8 +578,8 @@ def _train_epoch(
                 step=step,
                 history=history,
             )
-        total += float(loss.detach()) * x.shape[0]
-        count += x.shape[0]
+        total += float(loss.detach()) * size
+        count += size
     if count == 0:
         raise ValueError("the training data are empty")
     return -total / count
