@@ -1,7 +1,7 @@
 """Flow autoguides for SVI: banana, Neal's funnel and Bayesian logistic regression.
 
 Each model is fitted with Pyro's ``AutoNormal`` and ``AutoMultivariateNormal`` and
-with :class:`pyro_nf.infer.AutoFlow` for every available flow family, at the same
+with :class:`pyro_nf.infer.AutoFlow` for every flow family, at the same
 number of SVI steps. Reported per guide:
 
 - the ELBO (and, where the normalizer ``log Z`` is known, ``KL(q || p) = log Z - ELBO``);
@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arviz as az  # noqa: E402
 from common import (  # noqa: E402
-    available_families,
     base_parser,
     build_flow,
     format_table,
@@ -54,13 +53,11 @@ from common import (  # noqa: E402
     write_json,
 )
 
-try:  # the flow autoguides, diagnostics and target densities live in pyro_nf.infer
-    from pyro_nf.infer import AutoFlow, psis_diagnostic, targets, to_inference_data
-except ImportError:  # only in a copy of pyro_nf without pyro_nf.infer
-    AutoFlow = None
+from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
+from pyro_nf.infer import AutoFlow, psis_diagnostic, targets, to_inference_data  # noqa: E402
 
 MODELS = ("banana", "funnel", "logistic")
-FAMILIES = ("iaf", "realnvp", "maf", "cnf")
+FAMILIES = tuple(FLOW_BUILDERS)
 
 
 @dataclass
@@ -237,18 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     directory = output_directory(args.output_dir, "svi_guides")
     guides = ["AutoNormal", "AutoMultivariateNormal"]
-    missing = list(args.families)
-    if AutoFlow is None:
-        print(
-            "[svi] pyro_nf.infer is not available: flow autoguides, PSIS, the ArviZ export "
-            "and the banana and funnel targets are skipped"
-        )
-        args.models = [m for m in args.models if m == "logistic"]
-    else:
-        families, missing = available_families(args.families)
-        guides += [f"AutoFlow-{family}" for family in families]
-    for family in missing:
-        print(f"[svi] flow family {family!r} is not available in this pyro_nf: skipped")
+    guides += [f"AutoFlow-{family}" for family in args.families]
 
     rows, files = [], []
     for name in args.models:
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     columns = ["model", "guide", "ELBO", "KL(q||p)", "PSIS log Z", "k-hat", "train seconds"]
     print("\n[svi] ELBO, KL to the exact posterior (known log Z only) and PSIS k-hat:")
     print(format_table(rows, columns))
-    results = {"rows": rows, "unavailable": missing, "args": vars(args)}
+    results = {"rows": rows, "args": vars(args)}
     write_json(directory / "results.json", results)
     return {**results, "files": [str(f) for f in files], "output_dir": str(directory)}
 
