@@ -9,21 +9,33 @@ The flow families are those of the registry ``pyro_nf.flows.FLOW_BUILDERS``.
     python benchmarks/guides.py            # full run (a few minutes on 2 cores)
     python benchmarks/guides.py --quick    # smoke test
     python benchmarks/guides.py --neutra --targets funnel   # also NUTS vs NeuTra NUTS
+    python benchmarks/guides.py --soak     # 10,000 steps per family and task (slow)
+
+``--soak`` trains every family at its *default* settings (``AutoFlow(model,
+flow=family)``, and ``flow_builder(family)(dim=2)`` for the density task) for
+``--soak-steps`` steps on the banana, the funnel and a density task (two moons,
+minibatches of 256), and reports the first non-finite loss (none expected) and any
+parameter or buffer that an evaluation changed (none expected: a read never writes).
+``tests/test_soak.py`` runs the same :func:`soak` (slow-marked).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.reparam import NeuTraReparam
 from pyro.ops.stats import effective_sample_size
 
-from pyro_nf.flows import FLOW_BUILDERS
+from pyro_nf import datasets
+from pyro_nf.flows import FLOW_BUILDERS, flow_builder
 from pyro_nf.infer import AutoFlow, psis_diagnostic
 from pyro_nf.infer.targets import Target, banana, funnel
 
@@ -108,7 +120,158 @@ def neutra(target: Target, args) -> None:
         print(f"{name:<26} {first:>10.1f} {smallest:>8.1f} {seconds:>8.1f}", flush=True)
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------ soak
+
+SOAK_TASKS = ("banana", "funnel", "density")
+
+
+@dataclass
+class SoakResult:
+    """What a soak run saw: losses, the first non-finite one, and evaluation drift."""
+
+    family: str
+    task: str
+    steps: int
+    seconds: float = 0.0
+    first_non_finite: int | None = None
+    drift: list[str] = field(default_factory=list)
+    final_loss: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        return self.first_non_finite is None and not self.drift
+
+
+def _snapshot(modules: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``modules`` and of Pyro's param store, cloned."""
+    state = {f"store:{k}": v.detach().clone() for k, v in pyro.get_param_store().items()}
+    for index, module in enumerate(modules):
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            state[f"{index}:{name}"] = tensor.detach().clone()
+    return state
+
+
+def _changed(before: dict[str, torch.Tensor], modules: list[torch.nn.Module]) -> list[str]:
+    after = _snapshot(modules)
+    return [k for k in before if k not in after or not torch.equal(before[k], after[k])]
+
+
+def _guide_task(task: str, family: str, lr: float):
+    target = {"banana": banana, "funnel": funnel}[task]()
+    guide = AutoFlow(target.model, flow=family)
+    svi = SVI(target.model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+
+    def evaluate() -> None:
+        # The reads of a trained guide that once rewrote it: a single-draw ELBO under
+        # no_grad (evaluate_loss), Predictive, and a batch of draws.
+        svi.evaluate_loss()
+        Predictive(target.model, guide=guide, num_samples=1)()
+        with torch.no_grad():
+            guide.get_posterior().sample((4,))
+
+    return svi.step, evaluate, [guide]
+
+
+def _density_task(family: str, lr: float, batch_size: int = 256):
+    flow = flow_builder(family)(dim=2)
+    data = datasets.two_moons(10_000, seed=1)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(2)
+
+    def step() -> float:
+        batch = data[torch.randint(len(data), (batch_size,), generator=generator)]
+        loss = -flow().log_prob(batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            flow().sample()
+            flow().log_prob(data[:1])
+            flow().log_prob(flow().sample((3,)))
+        flow.eval()
+        with torch.no_grad():
+            flow().log_prob(data[:5])
+        flow.train()
+
+    return step, evaluate, [flow]
+
+
+def soak(
+    family: str,
+    task: str,
+    steps: int = 10_000,
+    check_every: int = 1000,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> SoakResult:
+    """Train ``family`` at its default settings on ``task`` for ``steps`` steps.
+
+    Every ``check_every`` steps (and after the last) the model is evaluated the ways
+    users read it (see ``_guide_task`` / ``_density_task``), and every parameter and
+    buffer is compared bit for bit with its value before that evaluation. Training
+    stops at the first non-finite loss. SVI uses Adam(lr=0.005) and one particle
+    (Pyro's default); the density task Adam(lr=1e-3) on minibatches of 256.
+    """
+    if task not in SOAK_TASKS:
+        raise ValueError(f"unknown soak task {task!r}; expected one of {SOAK_TASKS}")
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    if task == "density":
+        step, evaluate, modules = _density_task(family, lr=1e-3)
+    else:
+        step, evaluate, modules = _guide_task(task, family, lr=0.005)
+    result = SoakResult(family, task, steps)
+    recent: list[float] = []
+    start = time.perf_counter()
+    for index in range(1, steps + 1):
+        loss = step()
+        if not math.isfinite(loss):
+            result.first_non_finite = index
+            break
+        recent = (recent + [loss])[-100:]
+        if index % check_every == 0 or index == steps:
+            before = _snapshot(modules)
+            evaluate()
+            result.drift += [f"step {index}: {name}" for name in _changed(before, modules)]
+            if progress is not None:
+                mean = sum(recent) / len(recent)
+                progress(f"{family}/{task} step {index}: mean loss of the last 100 {mean:.4f}")
+    result.seconds = time.perf_counter() - start
+    result.final_loss = sum(recent) / len(recent) if recent else math.nan
+    return result
+
+
+def run_soak(args) -> bool:
+    families = args.families.split(",") if args.families else list(FLOW_BUILDERS)
+    tasks = args.soak_tasks.split(",")
+    print(f"soak: {args.soak_steps} steps per family and task, default settings")
+    header = f"{'family':<8} {'task':<8} {'final loss':>11} {'non-finite at':>14} {'drift':>6} {'minutes':>8}"
+    print(header)
+    print("-" * len(header))
+    ok = True
+
+    def log(line: str) -> None:
+        print(f"    {line}", flush=True)
+
+    for family in families:
+        for task in tasks:
+            result = soak(family, task, steps=args.soak_steps, seed=args.seed, progress=log)
+            ok = ok and result.ok
+            print(
+                f"{family:<8} {task:<8} {result.final_loss:>11.4f} "
+                f"{str(result.first_non_finite or '-'):>14} {len(result.drift):>6} "
+                f"{result.seconds / 60:>8.1f}",
+                flush=True,
+            )
+            for line in result.drift[:5]:
+                print(f"    drift: {line}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=0.005)
@@ -123,10 +286,19 @@ def main() -> None:
     parser.add_argument("--neutra-flow", default="realnvp", help="the NeuTra guide's flow")
     parser.add_argument("--mcmc-samples", type=int, default=500, help="warmup and draws")
     parser.add_argument("--quick", action="store_true", help="tiny budget, a smoke test")
-    args = parser.parse_args()
+    parser.add_argument("--soak", action="store_true", help="the long-run stability check")
+    parser.add_argument("--soak-steps", type=int, default=10_000)
+    parser.add_argument("--soak-tasks", default=",".join(SOAK_TASKS))
+    parser.add_argument("--families", default=None, help="comma-separated; default: all")
+    args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.mcmc_samples = 20, 200, 10
+        args.soak_steps = 20
     torch.set_num_threads(1)
+    if args.soak:
+        if not run_soak(args):
+            raise SystemExit("soak: a non-finite loss or a parameter changed by a read")
+        return
     targets = {"banana": banana, "funnel": funnel}
     print(
         f"steps={args.steps} lr={args.lr} particles={args.particles} "
