@@ -1,8 +1,9 @@
 """ELBO gap (log Z - ELBO = KL(q || p)) and PSIS k-hat of autoguides on known targets.
 
 Every guide is trained with the same optimizer, learning rate, number of steps and
-particles, from the same seed, on the 2-D banana and Neal's funnel (d = 10), whose
-normalizers are known (``pyro_nf.infer.targets``). The gap is estimated with
+particles, from the same seed, on the 2-D banana (``targets.twisted_gaussian``) and
+Neal's funnel (d = 10), whose normalizers are known (``pyro_nf.infer.targets``).
+The gap is estimated with
 ``--eval-samples`` vectorized guide draws, k-hat with as many (``psis_diagnostic``).
 The flow families are those of the registry ``pyro_nf.flows.FLOW_BUILDERS``.
 
@@ -37,7 +38,7 @@ from pyro.ops.stats import effective_sample_size
 from pyro_nf import datasets
 from pyro_nf.flows import FLOW_BUILDERS, flow_builder
 from pyro_nf.infer import AutoFlow, psis_diagnostic
-from pyro_nf.infer.targets import Target, banana, funnel
+from pyro_nf.infer.targets import Target, funnel, twisted_gaussian
 
 
 def flow_kwargs(family: str, args) -> dict:
@@ -157,7 +158,7 @@ def _changed(before: dict[str, torch.Tensor], modules: list[torch.nn.Module]) ->
 
 
 def _guide_task(task: str, family: str, lr: float):
-    target = {"banana": banana, "funnel": funnel}[task]()
+    target = {"banana": twisted_gaussian, "funnel": funnel}[task]()
     guide = AutoFlow(target.model, flow=family)
     svi = SVI(target.model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
 
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         if not run_soak(args):
             raise SystemExit("soak: a non-finite loss or a parameter changed by a read")
         return
-    targets = {"banana": banana, "funnel": funnel}
+    targets = {"banana": twisted_gaussian, "funnel": funnel}
     print(
         f"steps={args.steps} lr={args.lr} particles={args.particles} "
         f"init_scale={args.init_scale} flow layers={args.num_layers}x{args.hidden} "

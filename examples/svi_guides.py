@@ -74,7 +74,7 @@ class Problem:
 
 
 def banana_draws(num: int, generator: torch.Generator) -> Tensor:
-    """Exact draws of ``targets.banana()`` (scale 1, twist 1): ``x2 = y2 + (x1^2 - 1)``."""
+    """Exact draws of ``targets.twisted_gaussian()`` (scale 1, twist 1): ``x2 = y2 + x1^2 - 1``."""
     y = torch.randn(num, 2, generator=generator)
     return torch.stack([y[:, 0], y[:, 1] + (y[:, 0] ** 2 - 1.0)], -1)
 
@@ -110,7 +110,7 @@ def breast_cancer() -> tuple[Tensor, Tensor]:
 def make_problem(name: str, args: argparse.Namespace) -> Problem:
     generator = torch.Generator().manual_seed(args.seed)
     if name == "banana":
-        target = targets.banana()
+        target = targets.twisted_gaussian()
         return Problem(
             name,
             target.model,

@@ -121,21 +121,11 @@ def _randint(high: int, n: int, generator: torch.Generator) -> Tensor:
 # Toy densities
 # --------------------------------------------------------------------------------------
 
+#: Registry of the toy densities, keyed by name; every value has the signature
+#: ``(num_samples, *, seed=0, dtype=None, device=None) -> Tensor`` of shape ``(n, 2)``.
+TOY_DENSITIES: dict[str, Callable[..., Tensor]] = {}
 
-def two_moons(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
-    """Sample the "two moons" density: two interleaving noisy half circles.
-
-    One moon is the upper half of the unit circle, the other is the lower half shifted
-    right by one and down by half a unit; each sample picks a moon with probability 1/2,
-    is perturbed with Gaussian noise (standard deviation 0.1) and is then rescaled by 2
-    and centred, so the data lie roughly within ``[-3, 3] x [-2, 2]``.
-
+_SAMPLER_ARGUMENTS = """
     Arguments:
         num_samples: Number of points to draw (a positive int).
         seed: Seed of the private random generator; ``None`` for a random seed.
@@ -144,6 +134,63 @@ def two_moons(
 
     Returns:
         Tensor of shape ``(num_samples, 2)``.
+"""
+
+
+def _toy_sampler(draw: Callable[[int, torch.Generator], Tensor]) -> Callable[..., Tensor]:
+    """Register ``draw(n, generator) -> (n, 2) float64 CPU tensor`` as a public sampler.
+
+    The returned function (registered in :data:`TOY_DENSITIES` under ``draw``'s name)
+    has the signature ``(num_samples, *, seed=0, dtype=None, device=None)``: it checks
+    ``num_samples``, makes the private generator from ``seed``, calls ``draw`` and casts
+    the result to ``dtype`` and ``device``, so each density is only its own math. Its
+    docstring is ``draw``'s, with the shared Arguments / Returns block inserted before
+    the ``Example:`` section.
+    """
+
+    def sampler(
+        num_samples: int,
+        *,
+        seed: int | None = 0,
+        dtype: torch.dtype | None = None,
+        device: Device = None,
+    ) -> Tensor:
+        points = draw(_check_num_samples(num_samples), _make_generator(seed))
+        return _finish(points, dtype, device)
+
+    doc = draw.__doc__ or ""
+    head, example = doc.split("    Example:", 1) if "    Example:" in doc else (doc, "")
+    sampler.__doc__ = (
+        head.rstrip() + "\n" + _SAMPLER_ARGUMENTS + ("\n    Example:" + example if example else "")
+    )
+    sampler.__name__ = sampler.__qualname__ = draw.__name__
+    sampler.__module__ = draw.__module__
+    TOY_DENSITIES[draw.__name__] = sampler
+    return sampler
+
+
+def _on_circles(
+    n: int, g: torch.Generator, num_circles: int, spacing: float, noise: float
+) -> Tensor:
+    """Noisy points on concentric circles (the shared code of ``rings`` and ``circles``).
+
+    The radius is ``spacing * k`` with ``k`` uniform on ``1..num_circles``, the angle is
+    uniform, and isotropic Gaussian noise of standard deviation ``noise`` is added.
+    """
+    radius = spacing * (_randint(num_circles, n, g) + 1).to(_WORK_DTYPE)
+    angle = 2.0 * math.pi * _rand(n, g)
+    points = radius.unsqueeze(-1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+    return points + noise * _randn(n, g, 2)
+
+
+@_toy_sampler
+def two_moons(n: int, g: torch.Generator) -> Tensor:
+    """Sample the "two moons" density: two interleaving noisy half circles.
+
+    One moon is the upper half of the unit circle, the other is the lower half shifted
+    right by one and down by half a unit; each sample picks a moon with probability 1/2,
+    is perturbed with Gaussian noise (standard deviation 0.1) and is then rescaled by 2
+    and centred, so the data lie roughly within ``[-3, 3] x [-2, 2]``.
 
     Example:
         >>> x = two_moons(500, seed=1)
@@ -152,39 +199,22 @@ def two_moons(
         >>> bool(x.abs().max() < 4)
         True
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     t = math.pi * _rand(n, g)
     lower = _randint(2, n, g).bool()
     x = torch.where(lower, 1.0 - torch.cos(t), torch.cos(t))
     y = torch.where(lower, 0.5 - torch.sin(t), torch.sin(t))
     points = torch.stack([x, y], dim=-1) + 0.1 * _randn(n, g, 2)
-    points = 2.0 * points - torch.tensor([1.0, 0.5], dtype=_WORK_DTYPE)
-    return _finish(points, dtype, device)
+    return 2.0 * points - torch.tensor([1.0, 0.5], dtype=_WORK_DTYPE)
 
 
-def eight_gaussians(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def eight_gaussians(n: int, g: torch.Generator) -> Tensor:
     """Sample an equal-weight mixture of eight Gaussians arranged on a circle.
 
     The component means sit at the eight compass directions on a circle of radius
     ``4 / sqrt(2) ~ 2.83``; each component is isotropic with standard deviation
     ``0.5 / sqrt(2) ~ 0.35``. The resulting ring of blobs is a classic test for mode
     coverage.
-
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
 
     Example:
         >>> x = eight_gaussians(800, seed=0)
@@ -194,36 +224,19 @@ def eight_gaussians(
         >>> 2.5 < radius < 3.2
         True
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     component = _randint(8, n, g).to(_WORK_DTYPE)
     angle = component * (2.0 * math.pi / 8.0)
     centres = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
-    points = (4.0 * centres + 0.5 * _randn(n, g, 2)) / math.sqrt(2.0)
-    return _finish(points, dtype, device)
+    return (4.0 * centres + 0.5 * _randn(n, g, 2)) / math.sqrt(2.0)
 
 
-def checkerboard(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def checkerboard(n: int, g: torch.Generator) -> Tensor:
     """Sample the uniform density on the dark squares of a 4x4 checkerboard.
 
     The board covers ``[-4, 4]^2`` and is split into sixteen 2x2 squares; the density is
     uniform on the eight squares of one colour and zero on the others, giving sharp edges
     and disconnected support.
-
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
 
     Example:
         >>> x = checkerboard(1000, seed=0)
@@ -233,36 +246,19 @@ def checkerboard(
         >>> bool(((cell[:, 0] + cell[:, 1]) % 2 == 0).all())
         True
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     # Column index in {-2, ..., 1} and row index in {-2, ..., 1} with the same parity.
     column = _randint(4, n, g) - 2
     row = 2 * _randint(2, n, g) - 2 + column.remainder(2)
     cells = torch.stack([column, row], dim=-1).to(_WORK_DTYPE)
-    points = 2.0 * (cells + _rand(n, g, 2))
-    return _finish(points, dtype, device)
+    return 2.0 * (cells + _rand(n, g, 2))
 
 
-def rings(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def rings(n: int, g: torch.Generator) -> Tensor:
     """Sample four concentric noisy rings.
 
     The rings have radii 0.75, 1.5, 2.25 and 3 and equal probability; the angle is
     uniform and points are perturbed with Gaussian noise of standard deviation 0.08.
-
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
 
     Example:
         >>> x = rings(1000, seed=0)
@@ -271,58 +267,27 @@ def rings(
         >>> bool(x.norm(dim=-1).max() < 3.5)
         True
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
-    radius = 0.75 * (_randint(4, n, g) + 1).to(_WORK_DTYPE)
-    angle = 2.0 * math.pi * _rand(n, g)
-    points = radius.unsqueeze(-1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
-    points = points + 0.08 * _randn(n, g, 2)
-    return _finish(points, dtype, device)
+    return _on_circles(n, g, num_circles=4, spacing=0.75, noise=0.08)
 
 
-def circles(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def circles(n: int, g: torch.Generator) -> Tensor:
     """Sample two concentric noisy circles.
 
     The circles have radii 1.5 and 3 and equal probability; points are perturbed with
     Gaussian noise of standard deviation 0.24 (like scikit-learn's ``make_circles`` with
     ``factor=0.5, noise=0.08`` scaled by 3).
 
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
-
     Example:
         >>> x = circles(600, seed=0)
         >>> x.shape
         torch.Size([600, 2])
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
-    radius = 1.5 * (_randint(2, n, g) + 1).to(_WORK_DTYPE)
-    angle = 2.0 * math.pi * _rand(n, g)
-    points = radius.unsqueeze(-1) * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
-    points = points + 0.24 * _randn(n, g, 2)
-    return _finish(points, dtype, device)
+    return _on_circles(n, g, num_circles=2, spacing=1.5, noise=0.24)
 
 
-def pinwheel(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def pinwheel(n: int, g: torch.Generator) -> Tensor:
     """Sample the five-armed pinwheel density.
 
     Each of five equally likely arms starts as an elongated Gaussian blob (radial standard
@@ -330,22 +295,11 @@ def pinwheel(
     rotated by the arm's base angle plus an amount that grows exponentially with the
     radial coordinate, bending the blobs into curved arms. The result is scaled by 2.
 
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
-
     Example:
         >>> x = pinwheel(500, seed=0)
         >>> x.shape
         torch.Size([500, 2])
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     num_arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
     arm = _randint(num_arms, n, g).to(_WORK_DTYPE)
     features = _randn(n, g, 2) * torch.tensor([radial_std, tangential_std], dtype=_WORK_DTYPE)
@@ -354,17 +308,11 @@ def pinwheel(
     cos, sin = torch.cos(angle), torch.sin(angle)
     x = cos * features[:, 0] - sin * features[:, 1]
     y = sin * features[:, 0] + cos * features[:, 1]
-    points = 2.0 * torch.stack([x, y], dim=-1)
-    return _finish(points, dtype, device)
+    return 2.0 * torch.stack([x, y], dim=-1)
 
 
-def two_spirals(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
+@_toy_sampler
+def two_spirals(n: int, g: torch.Generator) -> Tensor:
     """Sample two interleaved spiral arms, point-symmetric about the origin.
 
     Each arm is an Archimedean spiral that winds one and a half turns (540 degrees)
@@ -372,75 +320,35 @@ def two_spirals(
     the reflection of the other through the origin. The arms are scaled by 1/3 and blurred
     with small uniform jitter and Gaussian noise (standard deviation 0.1).
 
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
-
     Example:
         >>> x = two_spirals(500, seed=0)
         >>> x.shape
         torch.Size([500, 2])
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     t = torch.sqrt(_rand(n, g)) * (3.0 * math.pi)
     arm = torch.stack([-torch.cos(t) * t, torch.sin(t) * t], dim=-1) + 0.5 * _rand(n, g, 2)
     sign = (2 * _randint(2, n, g) - 1).to(_WORK_DTYPE).unsqueeze(-1)
-    points = sign * arm / 3.0 + 0.1 * _randn(n, g, 2)
-    return _finish(points, dtype, device)
+    return sign * arm / 3.0 + 0.1 * _randn(n, g, 2)
 
 
-def banana(
-    num_samples: int,
-    *,
-    seed: int | None = 0,
-    dtype: torch.dtype | None = None,
-    device: Device = None,
-) -> Tensor:
-    """Sample a banana-shaped (curved Gaussian) density.
+@_toy_sampler
+def banana(n: int, g: torch.Generator) -> Tensor:
+    """Sample a banana-shaped (curved Gaussian) data set.
 
     With ``z`` a standard normal pair, the samples are
     ``(z1, 0.5 * z2 + 0.3 * (z1**2 - 1))``: a unimodal density whose mass bends upwards
     along a parabola, a standard test for strongly correlated, non-Gaussian targets.
-
-    Arguments:
-        num_samples: Number of points to draw (a positive int).
-        seed: Seed of the private random generator; ``None`` for a random seed.
-        dtype: Floating point dtype of the result (default: ``torch.get_default_dtype()``).
-        device: Device of the result (default: CPU).
-
-    Returns:
-        Tensor of shape ``(num_samples, 2)``.
+    This is toy *data*; the posterior *target* of the guide benchmarks,
+    :func:`pyro_nf.infer.targets.twisted_gaussian` (once also called ``banana``), is
+    another density: twist 1 and conditional standard deviation 1.
 
     Example:
         >>> x = banana(500, seed=0)
         >>> x.shape
         torch.Size([500, 2])
     """
-    n = _check_num_samples(num_samples)
-    g = _make_generator(seed)
     z = _randn(n, g, 2)
-    points = torch.stack([z[:, 0], 0.5 * z[:, 1] + 0.3 * (z[:, 0] ** 2 - 1.0)], dim=-1)
-    return _finish(points, dtype, device)
-
-
-#: Registry of the toy densities, keyed by name; every value has the signature
-#: ``(num_samples, *, seed=0, dtype=None, device=None) -> Tensor`` of shape ``(n, 2)``.
-TOY_DENSITIES: dict[str, Callable[..., Tensor]] = {
-    "two_moons": two_moons,
-    "eight_gaussians": eight_gaussians,
-    "checkerboard": checkerboard,
-    "rings": rings,
-    "circles": circles,
-    "pinwheel": pinwheel,
-    "two_spirals": two_spirals,
-    "banana": banana,
-}
+    return torch.stack([z[:, 0], 0.5 * z[:, 1] + 0.3 * (z[:, 0] ** 2 - 1.0)], dim=-1)
 
 
 def toy_density(name: str, num_samples: int, **kwargs: object) -> Tensor:

@@ -1,6 +1,7 @@
 """Tests for the toy densities, the train/test split and the digits loader."""
 
 import doctest
+import inspect
 
 import pytest
 import torch
@@ -112,6 +113,14 @@ def test_bad_num_samples_raises(name: str, bad: object) -> None:
 def test_bad_dtype_raises() -> None:
     with pytest.raises(ValueError, match="dtype"):
         toy_density("rings", 10, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_every_sampler_has_the_shared_signature_and_arguments_block(name: str) -> None:
+    sampler = TOY_DENSITIES[name]
+    assert sampler.__name__ == name and getattr(datasets_module, name) is sampler
+    assert list(inspect.signature(sampler).parameters) == ["num_samples", "seed", "dtype", "device"]
+    assert "Arguments:" in sampler.__doc__ and "Example:" in sampler.__doc__
 
 
 def test_seed_must_be_keyword() -> None:

@@ -25,9 +25,10 @@ from pyro_nf.infer import (
     AutoFlow,
     importance_draws,
     psis_diagnostic,
+    targets,
     to_inference_data,
 )
-from pyro_nf.infer.targets import banana, funnel
+from pyro_nf.infer.targets import funnel, twisted_gaussian
 from pyro_nf.transforms.base import FlowTransform
 
 SMALL = {"num_layers": 2, "hidden_dims": (16,)}
@@ -89,7 +90,10 @@ def test_autoflow_starts_at_init_location_with_small_scale(family):
     assert torch.allclose(guide.scale.detach(), torch.full((3,), 0.05))
     with torch.no_grad():
         draws = guide.get_posterior().sample((2000,))
-    # Near-identity flow layers: the posterior is close to N(init, 0.05^2).
+    # Near-identity flow layers: the posterior is close to N(init, 0.05^2). The layers
+    # start near, not at, the identity: 0.02 (18 standard errors of a 2000-draw mean)
+    # and 20% (13 standard errors of the standard deviation) bound their initial shift
+    # and scaling, and would catch a flow that starts far from the identity.
     assert torch.allclose(draws.mean(0), init, atol=0.02)
     assert torch.allclose(draws.std(0), torch.full((3,), 0.05), rtol=0.2)
 
@@ -240,7 +244,7 @@ def test_autoflow_follows_the_models_device():
 
 
 def test_neutra_reparam_with_autoflow_runs_nuts():
-    target = banana()
+    target = twisted_gaussian()
     guide = AutoFlow(target.model, flow="realnvp", init_scale=1.0, **SMALL)
     run_svi(target.model, guide, steps=20, lr=0.01)
     neutra = NeuTraReparam(guide.requires_grad_(False))
@@ -268,26 +272,58 @@ def _fit_guides(target, family, steps, lr, flow_kwargs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_autoflow_beats_autonormal_on_banana_fast(family):
-    target = banana()
+    target = twisted_gaussian()
     normal, flow_guide = _fit_guides(target, family, 150, 0.01, small_kwargs(family))
     normal_gap, flow_gap = elbo_gap(target, normal), elbo_gap(target, flow_guide)
+    # AutoNormal's KL here is the cost of not bending (about 1.5 nats); after 150 steps
+    # a flow must have removed a quarter of it. The estimates' Monte Carlo error (4000
+    # draws) is about 0.02 nats, far below that margin.
     assert flow_gap < 0.75 * normal_gap, (flow_gap, normal_gap)
+
+
+TARGETS = {"banana": twisted_gaussian, "funnel": funnel}
+
+
+@functools.cache
+def _slow_gaps(target_name, family):
+    """KL(q || p) of AutoNormal and of the flow guide after 1000 steps, and k-hat."""
+    target = TARGETS[target_name]()
+    kwargs = LARGER_FAMILY_KWARGS.get(family, {"num_layers": 4, "hidden_dims": (32, 32)})
+    normal, flow_guide = _fit_guides(target, family, 1000, 0.005, kwargs)
+    khat = psis_diagnostic(target.model, flow_guide, num_samples=4000).khat
+    return elbo_gap(target, normal), elbo_gap(target, flow_guide), khat
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("make_target", [banana, funnel], ids=["banana", "funnel"])
-def test_autoflow_beats_autonormal(make_target, family):
-    target = make_target()
-    kwargs = LARGER_FAMILY_KWARGS.get(family, {"num_layers": 4, "hidden_dims": (32, 32)})
-    normal, flow_guide = _fit_guides(target, family, 1000, 0.005, kwargs)
-    normal_gap, flow_gap = elbo_gap(target, normal), elbo_gap(target, flow_guide)
-    # One ODE block closes only a little of the funnel's gap within this budget
-    # (1.67 against AutoNormal's 1.87); the other families close more than half of it.
-    ratio = 1.0 if (target.name, family) == ("funnel", "cnf") else 0.5
-    assert flow_gap < ratio * normal_gap, (flow_gap, normal_gap)
-    if target.name == "banana":
-        assert psis_diagnostic(target.model, flow_guide, num_samples=4000).khat < 0.7
+@pytest.mark.parametrize("target_name", list(TARGETS))
+def test_autoflow_beats_autonormal(target_name, family):
+    # With its layers at the identity a flow guide *is* AutoNormal's family, so at the
+    # same budget every family, the ODE one included, must end below AutoNormal's KL.
+    normal_gap, flow_gap, _ = _slow_gaps(target_name, family)
+    assert flow_gap < normal_gap, (flow_gap, normal_gap)
+
+
+# Where one layer of a family can carry the exact map from a Gaussian to the target, its
+# guide must remove at least half of AutoNormal's KL (the cost of the shape a Gaussian
+# cannot take) in 1000 steps. The banana's map is x2 -> x2 + (x1^2 - 1): one affine
+# coupling or autoregressive shift, or the time-constant vector field (0, x1^2 - 1). The
+# funnel's is x_i -> x_i exp(v / 2): one affine layer's scale given v. An ODE needs the
+# product x_i v in its vector field for it, which a small MLP does not represent, so the
+# ODE guide is held on the funnel only to the bound above.
+EXACT_IN_ONE_LAYER = [("banana", family) for family in FAMILIES] + [
+    ("funnel", family) for family in FAMILIES if family != "cnf"
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target_name, family", EXACT_IN_ONE_LAYER)
+def test_autoflow_closes_half_the_gap_where_one_layer_is_exact(target_name, family):
+    normal_gap, flow_gap, khat = _slow_gaps(target_name, family)
+    assert flow_gap < 0.5 * normal_gap, (flow_gap, normal_gap)
+    if target_name == "banana":
+        # PSIS: importance sampling with the guide is usable (k-hat below 0.7).
+        assert khat < 0.7
 
 
 @pytest.mark.slow
@@ -310,8 +346,10 @@ def test_neutra_improves_nuts_ess_on_funnel():
     plain_ess, _ = ess_of_v(target.model)
     neutra = NeuTraReparam(guide)
     neutra_ess, x = ess_of_v(neutra.reparam(target.model), neutra.transform_sample)
+    # NeuTra's point is a better-mixing chain on the funnel's neck: at least twice the
+    # effective draws of v, a gain beyond the ESS estimate's own noise.
     assert neutra_ess > 2 * plain_ess, (neutra_ess, plain_ess)
-    assert abs(float(x[:, 0].mean())) < 0.75  # v ~ N(0, 9)
+    assert abs(float(x[:, 0].mean())) < 0.75  # v ~ N(0, 9): a quarter of its sd
 
 
 # ------------------------------------------------------------------ amortized guide
@@ -344,6 +382,9 @@ def test_amortized_guide_recovers_conjugate_posterior(family):
     with torch.no_grad():
         draws = guide.get_posterior(x).sample((4000,))
     exact_mean, exact_variance = x / (1 + SIGMA**2), SIGMA**2 / (1 + SIGMA**2)
+    # A third of the exact posterior sd (0.45) over all 64 coordinates, and 30% of its
+    # variance: the amortization error of a linear encoder after 300 steps; the Monte
+    # Carlo error of 4000 draws (0.007 and 2%) is far smaller.
     assert (draws.mean(0) - exact_mean).abs().max() < 0.15
     variance = draws.var(0)
     assert bool(((variance / exact_variance - 1).abs() < 0.3).all()), variance
@@ -407,6 +448,8 @@ def normal_guide(loc, scale):
 def test_psis_exact_posterior_guide():
     guide = normal_guide(POSTERIOR_MEAN, POSTERIOR_STD)
     result = psis_diagnostic(scalar_model, guide, num_samples=2000)
+    # The exact posterior makes every weight equal to p(x): k-hat is -inf (or tiny),
+    # the ESS is S up to float32 rounding, and both estimates equal log p(x).
     assert result.khat < 0.5 and result.reliable
     assert result.ess > 0.95 * 2000
     assert result.log_evidence == pytest.approx(LOG_EVIDENCE, abs=1e-4)
@@ -416,6 +459,8 @@ def test_psis_exact_posterior_guide():
 def test_psis_badly_mismatched_guide():
     guide = normal_guide(POSTERIOR_MEAN - 0.5, 0.3 * POSTERIOR_STD)
     result = psis_diagnostic(scalar_model, guide, num_samples=2000)
+    # A Gaussian proposal with variance ratio r = 0.09 to the posterior gives weights
+    # with a Pareto tail of shape k = 1 - r = 0.91 (infinite variance): few draws count.
     assert result.khat > 0.7 and not result.reliable
     assert result.ess < 0.2 * 2000
 
@@ -437,7 +482,9 @@ def test_psis_matches_direct_computation():
     assert result.ess == pytest.approx(1.0 / (weights**2).sum())
     direct_mean = float((weights * z.double().numpy()).sum())
     assert float(result.mean()["z"]) == pytest.approx(direct_mean, rel=1e-4)
-    # A wide guide reweighted is a good estimator of the exact posterior moments.
+    # A wide guide reweighted is a good estimator of the exact posterior moments: with an
+    # ESS of about 2500, 0.05 is 5.6 standard errors of the mean and 10% of the variance
+    # 3.5 standard errors.
     assert float(result.mean()["z"]) == pytest.approx(POSTERIOR_MEAN, abs=0.05)
     assert float(result.variance()["z"]) == pytest.approx(POSTERIOR_STD**2, rel=0.1)
 
@@ -505,8 +552,9 @@ def test_to_inference_data_summary_and_pair_plot():
     summary = az.summary(idata, var_names=["mu", "scale"], kind="stats")
     assert list(summary.index) == ["mu", "scale"]
     assert summary.loc["scale", "mean"] > 0
-    axes = az.plot_pair(idata, var_names=["mu", "scale"])
-    assert axes is not None
+    axes = np.atleast_1d(az.plot_pair(idata, var_names=["mu", "scale"]))
+    # One panel per pair of the two variables, with the draws on it.
+    assert axes.size == 1 and axes.flat[0].collections
     matplotlib.pyplot.close("all")
 
 
@@ -523,6 +571,11 @@ def test_importance_draws_rejects_bad_sizes():
         importance_draws(scalar_model, normal_guide(0.0, 1.0), num_samples=10, batch_size=0)
 
 
+def test_banana_target_is_the_twisted_gaussian_under_its_old_name():
+    assert targets.banana is targets.twisted_gaussian
+    assert targets.twisted_gaussian().name == "twisted_gaussian"
+
+
 def test_import_pyro_nf_does_not_import_arviz():
     # ArviZ (with xarray and matplotlib) roughly doubled the import time; only the
     # diagnostics need it, and they import it when called.
@@ -534,7 +587,7 @@ def test_import_pyro_nf_does_not_import_arviz():
 
 
 def test_neutra_model_density_is_the_pushforward_of_the_target():
-    target = banana()
+    target = twisted_gaussian()
     guide = AutoFlow(target.model, flow="realnvp", **SMALL)
     guide()
     neutra = NeuTraReparam(guide.requires_grad_(False))

@@ -21,7 +21,7 @@ import pyro
 import pyro.distributions as dist
 from torch import Tensor
 
-__all__ = ["Target", "banana", "funnel"]
+__all__ = ["Target", "banana", "funnel", "twisted_gaussian"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,13 @@ def _target_model(dim: int, log_density: Callable[[Tensor], Tensor]) -> Callable
     return model
 
 
-def banana(scale: float = 1.0, twist: float = 1.0) -> Target:
-    r"""The twisted Gaussian ("banana") in two dimensions.
+def twisted_gaussian(scale: float = 1.0, twist: float = 1.0) -> Target:
+    r"""The twisted Gaussian of Haario et al. (a "banana") in two dimensions, as a target.
+
+    An unnormalized posterior with a known normalizer, for judging guides (``x_2`` has
+    unit conditional variance and the twist ``b`` is 1 by default). It is another
+    density than the toy *data* set :func:`pyro_nf.datasets.banana` (twist 0.3,
+    conditional standard deviation 0.5), which is a sample, not a target.
 
     .. math::
         \log \tilde p(x) = -\frac{x_1^2}{2 a^2}
@@ -71,7 +76,7 @@ def banana(scale: float = 1.0, twist: float = 1.0) -> Target:
         An adaptive Metropolis algorithm (Haario, Saksman and Tamminen, 2001).
 
     Example:
-        >>> target = banana()
+        >>> target = twisted_gaussian()
         >>> round(target.log_normalizer, 4)
         1.8379
     """
@@ -83,12 +88,16 @@ def banana(scale: float = 1.0, twist: float = 1.0) -> Target:
         return -0.5 * (x1 / scale) ** 2 - 0.5 * (x2 - twist * (x1**2 - scale**2)) ** 2
 
     return Target(
-        name="banana",
+        name="twisted_gaussian",
         model=_target_model(2, log_density),
         log_density=log_density,
         log_normalizer=math.log(2 * math.pi * scale),
         dim=2,
     )
+
+
+#: The earlier name of :func:`twisted_gaussian` (the same function), kept as an alias.
+banana = twisted_gaussian
 
 
 def funnel(dim: int = 10, scale: float = 3.0) -> Target:
