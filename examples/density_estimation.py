@@ -9,14 +9,25 @@ Gaussian baseline (its maximum-likelihood fit, in closed form). Written:
 - a table of held-out log-likelihoods (nats per point, higher is better), printed and
   saved in ``results.json``.
 
-``--data PATH`` fits the same families to a tabular data set instead (a ``.npy`` array
-or a numeric ``.csv``, one row per point), standardized with the training statistics.
+``--data PATH`` fits the same families to a tabular data set instead, standardized
+with the training statistics: a numeric ``.csv`` (read whole) or a ``.npy`` array of
+shape ``(N, D)``, which is streamed from disk (memory-mapped, block by block, see
+:class:`pyro_nf.infer.NpyBatches`) and never loaded whole. Its rows are split by
+position: the first 80% train (their last eighth is the validation range of early
+stopping), the last 20% test, so the file should be in random order.
+
+``--devices N`` (and ``--strategy``, e.g. ``ddp``) trains through PyTorch Lightning
+(:class:`pyro_nf.lightning.FlowDensityModule`, ``pip install "pyro-nf[lightning]"``)
+with Lightning's early stopping and best checkpoint instead of :func:`pyro_nf.fit`;
+with ``ddp`` Lightning starts N processes that each train on their part of every
+minibatch, and only the first reports.
 
 Run::
 
     python examples/density_estimation.py
     python examples/density_estimation.py --densities two_moons checkerboard --families maf cnf
     python examples/density_estimation.py --data my_table.csv
+    python examples/density_estimation.py --data big_table.npy --devices 4 --strategy ddp
     python examples/density_estimation.py --quick       # a smoke test
 """
 
@@ -26,6 +37,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -48,51 +60,171 @@ from common import (  # noqa: E402
 
 from pyro_nf import fit  # noqa: E402
 from pyro_nf.datasets import TOY_DENSITIES, toy_density, train_test_split  # noqa: E402
+from pyro_nf.infer import ArrayDataset, NpyBatches  # noqa: E402
 
 FAMILIES = ("gaussian", "realnvp", "spline", "maf", "iaf", "cnf")
 LIMIT = 4.0  # the toy densities lie within about [-4, 4]^2
 
 
 class GaussianBaseline:
-    """The maximum-likelihood multivariate normal of the training data (closed form)."""
+    """The maximum-likelihood multivariate normal of the training data (closed form).
 
-    def __init__(self, data: Tensor) -> None:
-        mean = data.mean(0)
-        centred = data - mean
-        covariance = centred.T @ centred / len(data)
-        covariance = covariance + 1e-6 * torch.eye(data.shape[1], dtype=data.dtype)
-        self.distribution = torch.distributions.MultivariateNormal(mean, covariance)
+    ``data`` is a tensor or an iterable of minibatches (one streamed pass of sums).
+    """
+
+    def __init__(self, data: Tensor | Iterable[Tensor]) -> None:
+        batches = [data] if isinstance(data, Tensor) else data
+        count, total, outer = 0, 0.0, 0.0
+        for batch in batches:
+            batch = batch.double()
+            count += len(batch)
+            total = total + batch.sum(0)
+            outer = outer + batch.T @ batch
+        mean = total / count
+        covariance = outer / count - torch.outer(mean, mean)
+        covariance = covariance + 1e-6 * torch.eye(len(mean), dtype=covariance.dtype)
+        dtype = torch.get_default_dtype()
+        self.distribution = torch.distributions.MultivariateNormal(
+            mean.to(dtype), covariance.to(dtype)
+        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.distribution.log_prob(x)
 
 
-def make_model(family: str, train: Tensor, args: argparse.Namespace) -> object:
-    """A fitted model of ``family`` (``gaussian`` or a flow family) on ``train``."""
+class Standardized:
+    """Minibatches of a stream, standardized as ``(x - mean) / std`` (re-iterable)."""
+
+    def __init__(self, batches: NpyBatches, mean: Tensor, std: Tensor) -> None:
+        self.batches, self.mean, self.std = batches, mean, std
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return ((batch - self.mean) / self.std for batch in self.batches)
+
+
+class StreamedTable:
+    """A ``.npy`` table on disk, split by position into train, validation and test streams."""
+
+    def __init__(self, path: str | Path, batch_size: int, seed: int) -> None:
+        self.path = Path(path)
+        self.batch_size, self.seed = batch_size, seed
+        table = ArrayDataset(self.path)
+        rows, self.dim = len(table), table.dim
+        if rows < 10:
+            raise ValueError(f"expected a table of at least 10 rows, got {rows} in {path}")
+        test_start = rows - max(1, rows // 5)
+        validation_start = test_start - max(1, test_start // 8)
+        self.ranges = {
+            "train": (0, validation_start),
+            "validation": (validation_start, test_start),
+            "test": (test_start, rows),
+        }
+        # Training statistics in one streamed pass (float64 sums: no loss over many rows).
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        squares = torch.zeros(self.dim, dtype=torch.float64)
+        for batch in self.stream("train", 1 << 16, raw=True):
+            total += batch.double().sum(0)
+            squares += batch.double().square().sum(0)
+        count = validation_start
+        self.mean = (total / count).to(torch.get_default_dtype())
+        variance = (squares / count - (total / count).square()).clamp_min(1e-12)
+        self.std = variance.sqrt().to(torch.get_default_dtype())
+
+    def stream(self, split: str, batch_size: int | None = None, raw: bool = False) -> object:
+        batches = NpyBatches(
+            self.path,
+            batch_size or self.batch_size,
+            rows=self.ranges[split],
+            shuffle=split == "train",
+            seed=self.seed,
+        )
+        return batches if raw else Standardized(batches, self.mean, self.std)
+
+
+def fit_with_lightning(flow: object, train: object, validation: object, args) -> bool:
+    """Maximum likelihood through Lightning; True on the process that reports."""
+    import lightning.pytorch as pl
+
+    from pyro_nf.lightning import FlowDensityModule
+
+    monitor = {"monitor": "validation_log_likelihood", "mode": "max"}
+    best = pl.callbacks.ModelCheckpoint(dirpath=args.checkpoint_dir, **monitor)
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=args.devices,
+        strategy=args.strategy,
+        max_epochs=args.epochs,
+        callbacks=[pl.callbacks.EarlyStopping(patience=args.patience, **monitor), best],
+        logger=False,
+        enable_progress_bar=progress_enabled(args),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(FlowDensityModule(flow, lr=args.lr), train, validation)
+    if best.best_model_path:  # the best epoch's parameters, as fit keeps them
+        state = torch.load(best.best_model_path, weights_only=True)["state_dict"]
+        flow.load_state_dict({k.removeprefix("flow."): v for k, v in state.items()})
+    flow.cpu()
+    return trainer.global_rank == 0
+
+
+def tensor_loaders(train: Tensor, args) -> tuple[object, object]:
+    """Shuffled training and validation loaders of a tensor (a 10% validation split)."""
+    train_part, validation = train_test_split(train, test_fraction=0.1, seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(
+        train_part, batch_size=args.batch_size, shuffle=True, generator=generator
+    )
+    return loader, torch.utils.data.DataLoader(validation, batch_size=4096)
+
+
+def make_model(
+    family: str, train: Tensor | StreamedTable, args: argparse.Namespace
+) -> tuple[object, bool]:
+    """A fitted model of ``family`` on ``train``, and whether this process reports."""
+    dim = train.dim if isinstance(train, StreamedTable) else train.shape[1]
     if family == "gaussian":
-        return GaussianBaseline(train)
-    flow = build_flow(
-        family, train.shape[1], num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2
-    )
-    # Maximum likelihood with early stopping on a 10% validation split of the training data.
-    fit(
-        flow,
-        train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        seed=args.seed,
-        progress=progress_enabled(args),
-    )
+        return GaussianBaseline(train if isinstance(train, Tensor) else train.stream("train")), True
+    flow = build_flow(family, dim, num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2)
+    if isinstance(train, StreamedTable):
+        data, validation = train.stream("train"), train.stream("validation", 4096)
+    else:
+        data, validation = train, None
+    reports = True
+    if args.devices is not None:
+        if validation is None:
+            data, validation = tensor_loaders(train, args)
+        reports = fit_with_lightning(flow, data, validation, args)
+    else:
+        # Maximum likelihood with early stopping on the validation data (for a tensor,
+        # a 10% split of it).
+        fit(
+            flow,
+            data,
+            validation_data=validation,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            patience=args.patience,
+            seed=args.seed,
+            progress=progress_enabled(args),
+        )
     flow.eval()
-    return flow
+    return flow, reports
 
 
 @torch.no_grad()
-def mean_log_prob(model: object, data: Tensor, batch: int = 4096) -> float:
-    values = [model.log_prob(data[i : i + batch]) for i in range(0, len(data), batch)]
-    return torch.cat(values).mean().item()
+def mean_log_prob(model: object, data: Tensor | StreamedTable, batch: int = 4096) -> float:
+    """The mean log-density of a tensor's rows or of a streamed table's test range."""
+    chunks = data.stream("test", batch) if isinstance(data, StreamedTable) else data.split(batch)
+    total, count = 0.0, 0
+    for chunk in chunks:
+        total += float(model.log_prob(chunk).sum())
+        count += len(chunk)
+    return total / count
 
 
 @torch.no_grad()
@@ -160,7 +292,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--densities", nargs="+", choices=sorted(TOY_DENSITIES), default=None)
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--data", default=None, help="a .npy or .csv table instead of the toys")
+    parser.add_argument(
+        "--data", default=None, help="a .csv table, or a .npy table streamed from disk"
+    )
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-test", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=100)
@@ -170,6 +304,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flow-layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=120, help="density image pixels")
+    parser.add_argument(
+        "--devices", type=int, default=None, help="train through Lightning on this many devices"
+    )
+    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="Lightning checkpoints (default: the output dir)"
+    )
     args = parser.parse_args(argv)
     if args.densities is None:
         args.densities = ["two_moons", "checkerboard"] if args.quick else sorted(TOY_DENSITIES)
@@ -190,7 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "gaussian" in args.families:
         families.insert(0, "gaussian")
 
-    if args.data:
+    if args.devices is not None and args.checkpoint_dir is None:
+        args.checkpoint_dir = str(directory / "checkpoints")
+    if args.data and Path(args.data).suffix == ".npy":
+        datasets = {
+            Path(args.data).stem: (StreamedTable(args.data, args.batch_size, args.seed),) * 2
+        }
+    elif args.data:
         table = load_table(args.data)
         train, test = train_test_split(table, test_fraction=0.2, seed=args.seed)
         mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
@@ -204,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in args.densities
         }
 
-    rows, images, seconds = [], {}, {}
+    rows, images, seconds, reporter = [], {}, {}, True
     tasks = [(name, family) for name in datasets for family in families]
     bar = tqdm(tasks, desc="fits", disable=not progress_enabled(args))
     for name, family in bar:
@@ -212,13 +359,18 @@ def main(argv: list[str] | None = None) -> dict:
         train, test = datasets[name]
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        model = make_model(family, train, args)
+        model, reports = make_model(family, train, args)
+        if not reports:
+            reporter = False  # another process of this data-parallel run reports
+            continue
         seconds[family] = seconds.get(family, 0.0) + time.perf_counter() - start
         if not rows or rows[-1]["density"] != name:
             rows.append({"density": name})
         rows[-1][family] = mean_log_prob(model, test)
-        if train.shape[1] == 2:
+        if isinstance(train, Tensor) and train.shape[1] == 2:
             images[name, family] = density_image(model, args.resolution)
+    if not reporter:
+        return {"rows": [], "files": [], "all_finite": True, "output_dir": str(directory)}
 
     print("\n[density] held-out log-likelihood (nats per point, higher is better):")
     print(format_table(rows, ["density", *families]))

@@ -11,7 +11,15 @@ The decoder gives Bernoulli pixel probabilities.
 
 Default data: scikit-learn's 8x8 digits, binarized (:func:`pyro_nf.datasets.load_digits`).
 ``--data mnist --data-dir PATH`` reads MNIST from a local torchvision-format copy (the
-raw IDX files, optionally gzipped); nothing is ever downloaded.
+raw IDX files, optionally gzipped); nothing is ever downloaded. ``--data PATH.npy``
+streams images from a ``.npy`` array of shape ``(N, pixels)`` with values in [0, 1]
+(square images), block by block from disk (:class:`pyro_nf.infer.NpyBatches`): the
+last ``min(1000, N // 10)`` rows are the test set, the rest is never loaded whole.
+
+``--devices N`` (and ``--strategy``, e.g. ``ddp``) trains through PyTorch Lightning
+(:class:`pyro_nf.lightning.SVIModule` with Adam, ``pip install "pyro-nf[lightning]"``)
+instead of Pyro's SVI loop with ClippedAdam; with ``ddp`` each of the N processes
+trains on its part of every minibatch and only the first reports.
 
 Reported per posterior: the test ELBO, an importance-weighted estimate of the test
 log-likelihood with K samples (K = 1000 by default), and a check that a saved and
@@ -21,6 +29,7 @@ Run::
 
     python examples/vae.py --posterior diag iaf maf realnvp cnf
     python examples/vae.py --prior realnvp --posterior iaf
+    python examples/vae.py --data images.npy --devices 2 --strategy ddp
     python examples/vae.py --quick            # a smoke test
 """
 
@@ -32,6 +41,7 @@ import math
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +68,7 @@ from common import (  # noqa: E402
 )
 
 from pyro_nf.datasets import load_digits  # noqa: E402
+from pyro_nf.infer import ArrayDataset, NpyBatches  # noqa: E402
 
 POSTERIORS = ("diag", "iaf", "maf", "realnvp", "spline", "cnf")
 PRIORS = ("normal", "realnvp", "maf")
@@ -116,16 +127,42 @@ def load_mnist(data_dir: str | Path, binarize: bool = True) -> tuple[Tensor, Ten
     return splits[0], splits[1]
 
 
-def load_data(args) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """``(train, test, image_shape)`` for the chosen data set, subsampled in quick mode."""
+def load_npy_images(args) -> tuple[NpyBatches, Tensor, tuple[int, int]]:
+    """A streamed training range of a ``.npy`` image table and its test rows in memory."""
+    table = ArrayDataset(args.data)
+    rows, pixels = len(table), table.dim
+    side = math.isqrt(pixels)
+    if side * side != pixels or rows < 2:
+        raise ValueError(
+            f"expected a .npy table of square images (N >= 2, pixels = side^2), got "
+            f"({rows}, {pixels}) from {args.data}"
+        )
+    test_start = rows - max(1, min(1000, rows // 10))
+    train_stop = min(test_start, args.max_train) if args.max_train else test_start
+    test = table[slice(test_start, rows)].to(torch.get_default_dtype())
+    if args.max_test:
+        test = test[: args.max_test]
+    train = NpyBatches(args.data, args.batch_size, rows=(0, train_stop), seed=args.seed)
+    return train, test, (side, side)
+
+
+def load_data(args) -> tuple[Tensor | NpyBatches, Tensor, tuple[int, int]]:
+    """``(train, test, image_shape)`` for the chosen data set, subsampled in quick mode.
+
+    ``train`` is a tensor, or for a ``.npy`` file a stream of minibatches.
+    """
+    if args.data.endswith(".npy"):
+        return load_npy_images(args)
     if args.data == "digits":
         train, test = load_digits(binarize=True, seed=args.seed)
         shape = (8, 8)
-    else:
+    elif args.data == "mnist":
         if args.data_dir is None:
             raise ValueError("--data mnist needs --data-dir PATH (a local torchvision copy)")
         train, test = load_mnist(args.data_dir)
         shape = (28, 28)
+    else:
+        raise ValueError(f"--data must be digits, mnist or a .npy file, got {args.data!r}")
     if args.max_train:  # both splits are already shuffled
         train = train[: args.max_train]
     if args.max_test:
@@ -292,7 +329,19 @@ def evaluate(vae: VAE, x: Tensor, num_samples: int, seed: int, show_progress: bo
 # --------------------------------------------------------------------------------------
 
 
-def train(vae: VAE, data: Tensor, args, label: str) -> list[float]:
+def minibatches(
+    data: Tensor | NpyBatches, batch_size: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """One epoch of shuffled minibatches of a tensor, or one pass of a stream."""
+    if isinstance(data, NpyBatches):
+        yield from data
+        return
+    order = torch.randperm(len(data), generator=generator)
+    for start in range(0, len(data), batch_size):
+        yield data[order[start : start + batch_size]]
+
+
+def train(vae: VAE, data: Tensor | NpyBatches, args, label: str) -> list[float]:
     """SVI with ``Trace_ELBO``; returns the mean negative ELBO per datum of each epoch."""
     pyro.clear_param_store()
     svi = SVI(vae.model, vae.guide, ClippedAdam({"lr": args.lr, "clip_norm": 10.0}), Trace_ELBO())
@@ -301,17 +350,66 @@ def train(vae: VAE, data: Tensor, args, label: str) -> list[float]:
     bar = tqdm(range(args.epochs), desc=f"train {label}", disable=not progress_enabled(args))
     for _ in bar:
         vae.train()
-        order = torch.randperm(len(data), generator=generator)
-        total = 0.0
-        for start in range(0, len(data), args.batch_size):
-            total += svi.step(data[order[start : start + args.batch_size]])
-        losses.append(total / len(data))
+        total, count = 0.0, 0
+        for batch in minibatches(data, args.batch_size, generator):
+            total += svi.step(batch)
+            count += len(batch)
+        losses.append(total / count)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(
                 f"{label}: the ELBO became {losses[-1]} in epoch {len(losses)}"
             )
         bar.set_postfix(neg_elbo=f"{losses[-1]:.2f}")
     return losses
+
+
+def train_with_lightning(vae: VAE, data: Tensor | NpyBatches, args) -> list[float] | None:
+    """SVI through Lightning's Trainer; the final training -ELBO per datum, or None off rank 0."""
+    import lightning.pytorch as pl
+
+    from pyro_nf.lightning import SVIModule
+
+    pyro.clear_param_store()
+    if isinstance(data, Tensor):
+        generator = torch.Generator().manual_seed(args.seed)
+        data = torch.utils.data.DataLoader(
+            data, batch_size=args.batch_size, shuffle=True, generator=generator
+        )
+
+    class EpochLoss(pl.Callback):
+        """The mean -ELBO per image of each epoch (of this process's minibatches)."""
+
+        def __init__(self) -> None:
+            self.losses, self.total, self.count = [], 0.0, 0
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.total, self.count = self.total + float(loss), self.count + len(batch)
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.losses.append(self.total / max(self.count, 1))
+            self.total, self.count = 0.0, 0
+
+    epoch_loss = EpochLoss()
+    module = SVIModule(vae.model, vae.guide, Trace_ELBO(), lr=args.lr)
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices=args.devices,
+        strategy=args.strategy,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress_enabled(args),
+        enable_model_summary=False,
+        callbacks=[epoch_loss],
+    )
+    trainer.fit(module, data)
+    vae.cpu()
+    if trainer.global_rank != 0:
+        return None
+    if module.non_finite is not None:
+        raise FloatingPointError(module.non_finite)
+    return epoch_loss.losses
 
 
 def _image_grid(images: Tensor, shape: tuple[int, int], rows: int, path: Path, title: str) -> None:
@@ -358,7 +456,9 @@ def save_figures(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
+    parser.add_argument(
+        "--data", default="digits", help="digits, mnist (with --data-dir) or a .npy file"
+    )
     parser.add_argument("--data-dir", default=None, help="local torchvision-format MNIST folder")
     parser.add_argument("--posterior", nargs="+", choices=POSTERIORS, default=["iaf"])
     parser.add_argument("--prior", choices=PRIORS, default="normal")
@@ -374,6 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--elbo-samples", type=int, default=10, help="samples of the test ELBO")
     parser.add_argument("--max-train", type=int, default=0, help="use at most this many images")
     parser.add_argument("--max-test", type=int, default=0, help="use at most this many images")
+    parser.add_argument(
+        "--devices", type=int, default=None, help="train through Lightning on this many devices"
+    )
+    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = min(args.epochs, 2)
@@ -403,13 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
     posteriors = [p for p in args.posterior if p not in missing]
 
     train_data, test_data, shape = load_data(args)
-    print(f"[vae] data {args.data}: {len(train_data)} train, {len(test_data)} test images")
+    num_train = train_data.stop if isinstance(train_data, NpyBatches) else len(train_data)
+    print(f"[vae] data {args.data}: {num_train} train, {len(test_data)} test images")
     rows, files = [], []
     for posterior in posteriors:
         torch.manual_seed(args.seed)
         pyro.set_rng_seed(args.seed)
         config = VAEConfig(
-            data_dim=train_data.shape[1],
+            data_dim=test_data.shape[1],
             latent_dim=args.latent_dim,
             hidden_dim=args.hidden_dim,
             posterior=posterior,
@@ -421,7 +526,12 @@ def main(argv: list[str] | None = None) -> dict:
         vae = VAE(config)
         label = f"{posterior}-{args.prior}"
         start = time.perf_counter()
-        losses = train(vae, train_data, args, label)
+        if args.devices is None:
+            losses = train(vae, train_data, args, label)
+        else:
+            losses = train_with_lightning(vae, train_data, args)
+            if losses is None:
+                continue  # another process of this data-parallel run reports
         seconds = time.perf_counter() - start
 
         elbo = evaluate(vae, test_data, args.elbo_samples, args.seed)["elbo"]
