@@ -1,7 +1,8 @@
 """Pyro's other entry points with every flow family.
 
 ``JitTrace_ELBO`` (for ``AutoFlow`` guides and for flow density models), the parameter
-store's ``save`` / ``clear`` / ``load`` round trip, a stale parameter store, and
+store's ``save`` / ``clear`` / ``load`` round trip (``AutoFlow`` and
+``AmortizedFlowGuide``), a stale parameter store, and
 ``AutoFlow.median`` / ``quantiles``. Every test runs once per family of
 :data:`pyro_nf.flows.FLOW_BUILDERS`.
 """
@@ -16,7 +17,7 @@ import torch
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 
 from pyro_nf.flows import FLOW_BUILDERS, flow_builder
-from pyro_nf.infer import AutoFlow
+from pyro_nf.infer import AmortizedFlowGuide, AutoFlow
 
 FAMILIES = list(FLOW_BUILDERS)
 
@@ -181,6 +182,44 @@ def test_param_store_save_load_restores_every_flow_parameter(family, tmp_path):
     _train(two_site_model, restored, steps=3)
     store = pyro.get_param_store()
     frozen = [k for k in flow_names if torch.equal(store.get_param(k).detach(), saved[k])]
+    assert not frozen, f"not trained after reloading: {frozen}"
+
+
+def _conjugate_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+
+def _amortized_guide(family):
+    encoder = torch.nn.Linear(2, 4)
+    flow = flow_builder(family)(dim=2, context_dim=4, **SMALL[family])
+    return AmortizedFlowGuide(_conjugate_model, encoder, flow, site="z")
+
+
+@pytest.mark.parametrize("family", ["iaf", "realnvp"])
+def test_param_store_save_load_restores_an_amortized_guide(family, tmp_path):
+    x = torch.randn(6, 2)
+    guide = _amortized_guide(family)
+    svi = SVI(_conjugate_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    saved = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    pyro.set_rng_seed(3)
+    with torch.no_grad():
+        before = guide.get_posterior(x).sample()
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    restored = _amortized_guide(family)  # fresh encoder and flow
+    restored(x)
+    pyro.set_rng_seed(3)
+    with torch.no_grad():
+        assert torch.equal(restored.get_posterior(x).sample(), before)
+    svi = SVI(_conjugate_model, restored, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    svi.step(x)
+    store = pyro.get_param_store()
+    frozen = [k for k in saved if torch.equal(store.get_param(k).detach(), saved[k])]
     assert not frozen, f"not trained after reloading: {frozen}"
 
 

@@ -184,46 +184,13 @@ class AutoFlow(AutoContinuous):
         if isinstance(built, nn.Module):
             # Parameters and buffers follow the model's init locations (device, dtype).
             built = built.to(device=init_loc.device, dtype=init_loc.dtype)
-        flow_name = self._full_name("flow")
-        self._check_param_store(init_loc.shape, flow_name, built)
+        shape = init_loc.shape
+        _check_stored_shapes({_param_name(self, "loc"): shape, _param_name(self, "scale"): shape})
         if isinstance(built, nn.Module):
-            # Adopt the values the store already holds (after ``ParamStoreDict.load``):
-            # the flow's parameters *become* the store's tensors, so the restored values
-            # are used and the optimizer, which reads the store, trains them. With
-            # Pyro's default (``update_module_params=False``) the module would keep its
-            # fresh initialization and the loaded tensors would never be read.
-            pyro.module(flow_name, built, update_module_params=True)
+            _adopt_stored_parameters(_param_name(self, "flow"), built)
         self.flow = built
         self.loc = nn.Parameter(init_loc)
         self.scale = PyroParam(torch.full_like(init_loc, self._init_scale), self.scale_constraint)
-
-    def _full_name(self, attribute: str) -> str:
-        """The param-store name of an attribute (``"AutoFlow.loc"`` for a top-level guide)."""
-        return f"{self._pyro_name}.{attribute}" if self._pyro_name else attribute
-
-    def _check_param_store(self, latent_shape: torch.Size, flow_name: str, flow: Any) -> None:
-        """Raise a ``ValueError`` if the param store holds this guide's names at other shapes.
-
-        That happens when a guide of the same name was built for another model (e.g.
-        another latent size) and the store was not cleared in between; without this
-        check the stale values would be adopted and fail later as a shape error deep
-        inside a transform.
-        """
-        expected = {self._full_name("loc"): latent_shape, self._full_name("scale"): latent_shape}
-        if isinstance(flow, nn.Module):
-            for name, parameter in flow.named_parameters():
-                expected[param_with_module_name(flow_name, name)] = parameter.shape
-        store = pyro.get_param_store()
-        for name, shape in expected.items():
-            if name in store and store.get_param(name).shape != shape:
-                raise ValueError(
-                    f"the Pyro parameter store holds {name!r} with shape "
-                    f"{tuple(store.get_param(name).shape)}, but this guide needs "
-                    f"{tuple(shape)} (a {self.latent_dim}-dimensional latent): the store "
-                    "holds the parameters of an earlier guide of the same name, built for "
-                    "another model or flow. Call pyro.clear_param_store() before creating "
-                    "this guide, or load the store saved for this model."
-                )
 
     def _flow_layers(self) -> list[Transform]:
         flow = self.flow
@@ -380,6 +347,8 @@ class AmortizedFlowGuide(AutoGuide):
             )
         self._support = node["fn"].support
         self._cond_indep_stack = node["cond_indep_stack"]
+        for attribute in ("encoder", "flow"):
+            _adopt_stored_parameters(_param_name(self, attribute), getattr(self, attribute))
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.Distribution:
         """The distribution of the site given the model's arguments (batch: the plates)."""
@@ -403,6 +372,46 @@ class AmortizedFlowGuide(AutoGuide):
                     stack.enter_context(plates[frame.name])
             value = pyro.sample(self.site, posterior)
         return {self.site: value}
+
+
+def _param_name(guide: AutoGuide, attribute: str) -> str:
+    """The param-store name of a guide's attribute (``"AutoFlow.loc"`` for a top-level guide)."""
+    return f"{guide._pyro_name}.{attribute}" if guide._pyro_name else attribute
+
+
+def _check_stored_shapes(expected: dict[str, torch.Size]) -> None:
+    """Raise a ``ValueError`` if the param store holds one of these names at another shape.
+
+    That happens when a guide of the same name was built for another model (e.g.
+    another latent size) and the store was not cleared in between; without this check
+    the stale values would be adopted and fail later as a shape error deep inside a
+    transform.
+    """
+    store = pyro.get_param_store()
+    for name, shape in expected.items():
+        if name in store and store.get_param(name).shape != shape:
+            raise ValueError(
+                f"the Pyro parameter store holds {name!r} with shape "
+                f"{tuple(store.get_param(name).shape)}, but this guide needs {tuple(shape)}: "
+                "the store holds the parameters of an earlier guide of the same name, built "
+                "for another model or flow. Call pyro.clear_param_store() before creating "
+                "this guide, or load the store saved for this model."
+            )
+
+
+def _adopt_stored_parameters(name: str, module: nn.Module) -> None:
+    """Make ``module``'s parameters the param store's tensors of the same names.
+
+    After ``ParamStoreDict.load`` the store holds the trained values. Pyro registers a
+    plain ``nn.Module`` inside a guide with ``update_module_params=False``: the module
+    keeps its fresh initialization and the loaded tensors, which the optimizer trains,
+    are never read. Here the module's parameters *become* the stored tensors (after a
+    shape check), so the restored guide computes with them and training moves them.
+    """
+    _check_stored_shapes(
+        {param_with_module_name(name, key): p.shape for key, p in module.named_parameters()}
+    )
+    pyro.module(name, module, update_module_params=True)
 
 
 def _is_real(support: constraints.Constraint) -> bool:
