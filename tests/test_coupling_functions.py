@@ -125,6 +125,7 @@ def test_gradients_reach_the_tail_slopes():
 
 def test_parameter_count_and_bad_options():
     assert RationalQuadraticSpline(num_bins=8, tails="linear").num_params == 25
+    assert RationalQuadraticSpline().num_params == 49  # 16 bins, linear tails
     assert RationalQuadraticSpline(num_bins=8, tails="identity").num_params == 23
     with pytest.raises(ValueError, match="tails must be"):
         RationalQuadraticSpline(tails="quadratic")
