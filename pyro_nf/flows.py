@@ -266,7 +266,7 @@ def realnvp(
         coupling_function: ``"affine"`` (real NVP), ``"additive"`` (NICE), ``"spline"``
             (rational-quadratic) or a :class:`CouplingFunction`.
         coupling_kwargs: keyword arguments of the coupling function (e.g.
-            ``{"num_bins": 8, "bound": 3.0}`` for the spline).
+            ``{"num_bins": 16, "bound": 5.0, "tails": "linear"}``, the spline's defaults).
         activation: the conditioners' activation.
         permutation: an extra glue layer after every coupling layer but the last:
             ``None`` (default), ``"reverse"``, ``"random"`` or ``"lu"``.
@@ -460,7 +460,7 @@ def maf(
         coupling_function: ``"affine"``, ``"additive"``, ``"spline"`` (rational-quadratic) or a
             :class:`CouplingFunction`.
         coupling_kwargs: keyword arguments of the coupling function (e.g.
-            ``{"num_bins": 8, "bound": 3.0}`` for the spline).
+            ``{"num_bins": 16, "bound": 5.0, "tails": "linear"}``, the spline's defaults).
         permutation: a glue layer after every layer but the last: ``"reverse"``
             (default), ``"random"``, ``"lu"`` or ``None``.
         order: the autoregressive order inside each layer: ``"natural"`` (default),
