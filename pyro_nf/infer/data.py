@@ -130,7 +130,9 @@ class EpochPermutation(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(len(self.indices), generator=self.generator)
-        return iter(self.indices[order].tolist())
+        # Python ints chunk by chunk: a list of all of them would take ~36 bytes a row.
+        for chunk in self.indices[order].split(1 << 16):
+            yield from chunk.tolist()
 
 
 def split_indices(
