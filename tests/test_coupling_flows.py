@@ -101,3 +101,19 @@ def test_main_job_runs_and_reports_finite_numbers(capsys):
     result = main(["--steps", "30", "--num-samples", "400", "--layers", "2"])
     assert all(torch.isfinite(torch.tensor(list(result.values()))))
     assert "held-out log-likelihood" in capsys.readouterr().out
+
+
+def test_replacing_a_nested_submodule_or_parameter_invalidates_the_cache():
+    layer = pyro_nf.realnvp(2, num_layers=1, hidden_dims=(8,)).layers[0]
+    x = torch.randn(5, 2)
+    z = layer.inv(x)
+    assert layer.inv(x) is z, "an unchanged layer answers from its cache"
+    network = layer.conditioner.network
+    network[0] = torch.nn.Linear(network[0].in_features, network[0].out_features)
+    replaced_module = layer.inv(x)
+    assert replaced_module is not z
+    torch.testing.assert_close(replaced_module, layer.inverse_and_log_det(x)[0])
+    network[2].weight = torch.nn.Parameter(torch.randn_like(network[2].weight))
+    replaced_parameter = layer.inv(x)
+    assert replaced_parameter is not replaced_module
+    torch.testing.assert_close(replaced_parameter, layer.inverse_and_log_det(x)[0])

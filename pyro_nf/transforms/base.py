@@ -29,18 +29,41 @@ from pyro_nf._validation import check_context, check_input_dtype, integer
 
 __all__ = ["FlowTransform", "ConditionedTransform", "PairCache", "PairCacheMixin"]
 
-# Bumped whenever any module gains or replaces a submodule (a global registration hook,
-# rare after construction): a transform's memo of its module tree is rebuilt when this
-# moved on, so ``layer.conditioner.layers[0] = nn.Linear(...)`` is seen by the stamp.
+# Bumped whenever a module inside some transform's memoized tree gains or replaces a
+# submodule, parameter or buffer (global registration hooks, rare after construction):
+# the memos are then rebuilt and every cache stamp (which holds the counter) is stale,
+# so ``layer.conditioner.layers[0] = nn.Linear(...)`` is seen.
+# Modules outside every tree (say a ``ModuleList`` slice made in a forward pass) do not
+# count, so eager passes and compiled traces never touch the counter.
 _module_tree_generation = 0
+_TREE_MEMBER = "_pyro_nf_tree_member"
 
 
 def _count_module_registration(module: torch.nn.Module, name: str, submodule: object) -> None:
-    global _module_tree_generation
-    _module_tree_generation += 1
+    if module.__dict__.get(_TREE_MEMBER):
+        global _module_tree_generation
+        _module_tree_generation += 1
 
 
+# A new submodule, parameter or buffer (also one that replaces another: its version
+# counter starts again at 0, so versions alone would not see the change).
 torch_module.register_module_module_registration_hook(_count_module_registration)
+torch_module.register_module_parameter_registration_hook(_count_module_registration)
+torch_module.register_module_buffer_registration_hook(_count_module_registration)
+
+
+def _walk_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and all its submodules, depth first.
+
+    Unlike ``nn.Module.modules()`` it keeps no set of seen modules: Pyro's
+    ``TransformModule.__hash__`` cannot be traced by torch.compile. A module shared at
+    two places appears twice, which the version stamp does not mind.
+    """
+    found = [module]
+    for child in module._modules.values():
+        if child is not None:
+            found.extend(_walk_modules(child))
+    return found
 
 
 def _is_compiling() -> bool:
@@ -264,12 +287,14 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         """``tuple(self.modules())``, kept until any module's tree changes."""
         # Walking the module tree is the expensive part of ``parameters()``; the tree
         # rarely changes after construction, the tensors in it are read every time.
+        if _is_compiling():
+            return tuple(_walk_modules(self))  # a trace runs once: no memo to keep
         memo = self.__dict__.get("_state_modules")
         if memo is None or memo[0] != _module_tree_generation:
-            memo = self.__dict__["_state_modules"] = (
-                _module_tree_generation,
-                tuple(self.modules()),
-            )
+            modules = tuple(_walk_modules(self))
+            for module in modules:
+                module.__dict__[_TREE_MEMBER] = True
+            memo = self.__dict__["_state_modules"] = (_module_tree_generation, modules)
         return memo[1]
 
     def state_versions(self) -> tuple:
@@ -284,7 +309,7 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
 
     def _cache_state(self, context: Tensor | None) -> tuple:
         context_key = None if context is None else (id(context), _version_of(context))
-        return (self.state_versions(), context_key)
+        return (_module_tree_generation, self.state_versions(), context_key)
 
     # ----------------------------------------------------------------- cached passes
     def _cached_forward(self, z: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:

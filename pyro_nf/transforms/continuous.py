@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pyro_nf.nn.dynamics import ODEDynamics
 from pyro_nf.nn.neural_ode import NeuralODE
-from pyro_nf.transforms.base import FlowTransform, broadcast_context
+from pyro_nf.transforms.base import FlowTransform, _is_compiling, broadcast_context
 
 __all__ = [
     "ContinuousFlow",
@@ -330,6 +330,10 @@ class ContinuousFlow(FlowTransform):
             if self.regularize:
                 self._regularization = {name: value.new_zeros(batch_shape) for name in REGULARIZERS}
             return value.clone(), value.new_zeros(batch_shape)
+        if _is_compiling():
+            # Under torch.compile a data-dependent branch would break the graph: every
+            # row goes to the solver, as written by the caller.
+            return self._solve_rows(value, context, inverse)
         finite = torch.isfinite(value).all(-1)
         if context is not None:
             finite = finite & torch.isfinite(context).all(-1)
