@@ -229,8 +229,8 @@ class NpyBatches:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "rows.npy")
         >>> np.save(path, np.arange(20, dtype=np.float32).reshape(10, 2))
-        >>> [tuple(b.shape) for b in NpyBatches(path, batch_size=4, shuffle=False)]
-        [(4, 2), (4, 2), (2, 2)]
+        >>> tuple(tuple(b.shape) for b in NpyBatches(path, batch_size=4, shuffle=False))
+        ((4, 2), (4, 2), (2, 2))
     """
 
     def __init__(

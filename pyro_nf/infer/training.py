@@ -262,8 +262,8 @@ class EarlyStopping:
 
     Example:
         >>> stopping = EarlyStopping(patience=2)
-        >>> [stopping.update(v, epoch) for epoch, v in enumerate([1.0, 2.0, 1.5, 1.8])]
-        [True, True, False, False]
+        >>> tuple(stopping.update(v, epoch) for epoch, v in enumerate((1.0, 2.0, 1.5, 1.8)))
+        (True, True, False, False)
         >>> stopping.should_stop, stopping.best_epoch
         (True, 1)
     """
