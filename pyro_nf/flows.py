@@ -58,8 +58,9 @@ class FlowDistribution(dist.TransformedDistribution):
       cannot reshape an empty tensor, so it is skipped when there is nothing to check);
     - with validation on (Pyro's default), an ``x`` with a NaN or infinite entry is a
       ``ValueError`` that names the rows, raised before any pass; with validation off
-      (``pyro.enable_validation(False)``) those rows get a NaN log-density and every
-      other row its exact value, for every family.
+      (``pyro.enable_validation(False)``) a row holding a NaN gets a NaN log-density, a
+      row holding an infinity ``-inf`` (zero density), and every other row its exact
+      value, for every family.
 
     Example:
         >>> d = realnvp(dim=2, num_layers=1, hidden_dims=(8,))()
@@ -88,7 +89,7 @@ class FlowDistribution(dist.TransformedDistribution):
                     f"log_prob is defined for finite x; {len(rows)} of {finite.numel()} rows "
                     f"hold NaN or infinite values (first at index {tuple(rows[0])}). Pass "
                     "finite values, or turn validation off (pyro.enable_validation(False)) "
-                    "to get NaN for those rows."
+                    "to get NaN (for NaN) or -inf (for an infinity) in those rows."
                 )
         super()._validate_sample(value)
 
@@ -102,7 +103,15 @@ class FlowDistribution(dist.TransformedDistribution):
             check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
             batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
             return value.new_zeros(batch)
-        return super().log_prob(value)
+        log_prob = super().log_prob(value)
+        if not self._validate_args and value.dtype.is_floating_point:
+            # The defined answer for non-finite rows, whatever each layer makes of them:
+            # NaN where the row holds a NaN, -inf (zero density) where it holds +-inf.
+            nan_rows = torch.isnan(value).any(-1)
+            infinite_rows = torch.isinf(value).any(-1) & ~nan_rows
+            log_prob = log_prob.masked_fill(infinite_rows, -float("inf"))
+            log_prob = log_prob.masked_fill(nan_rows, float("nan"))
+        return log_prob
 
 
 class Flow(nn.Module):

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pyro_nf._validation import integer, layer_sizes
 from pyro_nf.nn.mlp import activation_module
 
 __all__ = ["ConcatSquashLinear", "ODEDynamics"]
@@ -101,12 +102,9 @@ class ODEDynamics(nn.Module):
         final_init_scale: float = 1e-2,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
-        self.dim = dim
-        self.context_dim = context_dim
+        self.dim = dim = integer("dim", dim)
+        self.context_dim = context_dim = integer("context_dim", context_dim, minimum=0)
+        hidden_dims = layer_sizes("hidden_dims", hidden_dims)
         sizes = [dim, *hidden_dims, dim]
         self.layers = nn.ModuleList(
             ConcatSquashLinear(n_in, n_out, context_dim)
@@ -123,7 +121,8 @@ class ODEDynamics(nn.Module):
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         hidden = z
-        for layer, activation in zip(self.layers[:-1], self.activations, strict=True):
+        # list(): slicing the ModuleList would build a new module on every evaluation.
+        for layer, activation in zip(list(self.layers)[:-1], self.activations, strict=True):
             hidden = activation(layer(t, hidden, context))
         return self.layers[-1](t, hidden, context)
 

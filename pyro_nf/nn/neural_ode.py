@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 from torchdiffeq._impl.odeint import SOLVERS
 
+from pyro_nf._validation import positive_number
+
 __all__ = ["NeuralODE", "SolveStatistics"]
 
 State = tuple[Tensor, ...]
@@ -120,9 +122,8 @@ class NeuralODE(nn.Module):
             raise TypeError(f"dynamics must be an nn.Module, got {type(dynamics).__name__}")
         if method not in SOLVERS:
             raise ValueError(f"unknown solver method {method!r}; expected one of {sorted(SOLVERS)}")
-        for name, value in (("rtol", rtol), ("atol", atol)):
-            if not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        rtol = positive_number("rtol", rtol)
+        atol = positive_number("atol", atol)
         self.dynamics = dynamics
         self.adjoint = bool(adjoint)
         self.method = method

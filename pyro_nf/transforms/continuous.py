@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pyro_nf._validation import positive_number
 from pyro_nf.nn.dynamics import ODEDynamics
 from pyro_nf.nn.neural_ode import NeuralODE
 from pyro_nf.transforms.base import FlowTransform, _is_compiling, broadcast_context
@@ -256,8 +257,7 @@ class ContinuousFlow(FlowTransform):
         super().__init__(dim, context_dim, cache_size)
         self.trace = trace
         self.probe = probe
-        if not isinstance(time, int | float) or not math.isfinite(time) or time <= 0:
-            raise ValueError(f"time must be a positive number, got {time!r}")
+        time = positive_number("time", time)
         if dynamics is None:
             dynamics = ODEDynamics(dim, hidden_dims, context_dim, activation)
         for name, expected in (("dim", dim), ("context_dim", context_dim)):
