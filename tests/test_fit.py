@@ -384,3 +384,17 @@ def test_fit_leaves_the_global_rng_untouched():
     torch.manual_seed(123)
     fit(flow, data, epochs=2, batch_size=8, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_npy_batches_give_each_process_its_part_of_every_global_batch(tmp_path, monkeypatch, rank):
+    path = tmp_path / "rows.npy"
+    np.save(path, np.arange(22, dtype=np.float32).reshape(11, 2))
+    monkeypatch.setattr(NpyBatches, "_process", staticmethod(lambda: (rank, 2)))
+    parts = list(NpyBatches(path, batch_size=4, shuffle=False))
+    # Global batches of rows 0-3, 4-7, 8-10: halves of 2, 2 and (2 | 1) rows.
+    expected = [[0, 1], [4, 5], [8, 9]] if rank == 0 else [[2, 3], [6, 7], [10]]
+    assert [(p[:, 0] / 2).int().tolist() for p in parts] == expected
+    monkeypatch.setattr(NpyBatches, "_process", staticmethod(lambda: (rank, 4)))
+    # Three processes' worth of rows in the last global batch, four processes: skipped.
+    assert len(list(NpyBatches(path, batch_size=4, shuffle=False))) == 2

@@ -211,7 +211,8 @@ class NpyBatches:
 
     Under ``torch.distributed`` (for example Lightning's DDP) every process reads the
     same global minibatches and keeps its own contiguous part of each, so that the
-    processes together take the step one process takes on the global minibatch.
+    processes together take the step one process takes on the global minibatch (a
+    last minibatch with fewer rows than processes is skipped by all of them).
 
     Arguments:
         path: the ``.npy`` file.
@@ -263,11 +264,12 @@ class NpyBatches:
     def __len__(self) -> int:
         return math.ceil((self.stop - self.start) / self.batch_size)
 
-    def _shard(self, batch: Tensor) -> Tensor:
+    @staticmethod
+    def _process() -> tuple[int, int]:
+        """``(rank, world size)`` under torch.distributed, else ``(0, 1)``."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return batch
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return batch.tensor_split(world)[rank]
+            return 0, 1
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
@@ -276,6 +278,7 @@ class NpyBatches:
         if self.shuffle:
             starts = starts[torch.randperm(len(starts), generator=generator)]
         dtype = self.dtype or torch.get_default_dtype()
+        rank, world = self._process()
         for block_start in starts.tolist():
             block_stop = min(block_start + self.block_rows, self.stop)
             # One contiguous read per block; the shuffle happens in memory.
@@ -286,7 +289,9 @@ class NpyBatches:
                 parts = tuple(p[order] for p in parts)
             parts = tuple(p.to(dtype) for p in parts)
             for chunk in zip(*(p.split(self.batch_size) for p in parts), strict=True):
-                batch = tuple(self._shard(c) for c in chunk)
+                if len(chunk[0]) < world:
+                    continue  # a last minibatch too small to give every process a row
+                batch = tuple(c.tensor_split(world)[rank] for c in chunk)
                 yield batch[0] if len(batch) == 1 else batch
 
 
