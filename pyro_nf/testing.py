@@ -136,6 +136,12 @@ def _fresh_inverse(bound: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
 class TransformContract:
     """The contract checks for one transform factory.
 
+    Example:
+        >>> from pyro_nf.transforms import Permutation
+        >>> results = TransformContract(lambda: Permutation.reverse(3), dim=3).check_all()
+        >>> results["check_log_det_matches_jacobian"], results["check_gradients"]
+        ('passed', 'not applicable: the transform has no parameters to differentiate')
+
     Arguments:
         factory: builds a fresh transform (z -> x) in the default dtype on the CPU.
         dim: the event size D.

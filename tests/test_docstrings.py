@@ -29,6 +29,7 @@ def test_docstring_examples_run(module_name):
     for test in finder.find(module, module_name, globs=globs):
         runner.run(test)
     results = runner.summarize(verbose=False)
+    assert results.attempted > 0, f"{module_name} has no runnable example in its docstrings"
     assert results.failed == 0, f"{results.failed} doctest example(s) failed in {module_name}"
 
 

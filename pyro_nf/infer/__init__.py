@@ -1,4 +1,13 @@
-"""Inference with flows: autoguides, amortized guides, diagnostics and a fit helper."""
+"""Inference with flows: autoguides, amortized guides, diagnostics and a fit helper.
+
+Example:
+    >>> import pyro.distributions as dist
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> guide = pyro_nf.infer.AutoFlow(model, flow="iaf", num_layers=1, hidden_dims=(8,))
+    >>> guide()["z"].shape
+    torch.Size([2])
+"""
 
 from pyro_nf.infer import targets
 from pyro_nf.infer.autoguide import FLOW_FAMILIES, AmortizedFlowGuide, AutoFlow

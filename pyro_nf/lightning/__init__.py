@@ -6,6 +6,12 @@
 them out, with Lightning's checkpoints, early stopping, logging and progress bars.
 They are built from the same pieces as :func:`pyro_nf.fit`
 (:mod:`pyro_nf.infer.training`). ``import pyro_nf`` does not import this package.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> module = FlowDensityModule(pyro_nf.realnvp(2, num_layers=1, hidden_dims=(8,)))
+    >>> isinstance(module, pl.LightningModule)   # trained by pl.Trainer(...).fit(module, loader)
+    True
 """
 
 try:

@@ -1,5 +1,14 @@
 """Transforms: the structures (coupling, autoregressive, continuous), coupling functions
-and glue layers."""
+and glue layers. Every one maps the base z to the data x (Pyro's convention).
+
+Example:
+    >>> from pyro_nf.transforms import Coupling, half_mask
+    >>> layer = Coupling(half_mask(4), "affine", hidden_dims=(16,))
+    >>> z = torch.randn(5, 4)
+    >>> x = layer(z)                       # z -> x, one pass
+    >>> torch.allclose(layer.inv(x), z)    # x -> z, from the cache of the last pair
+    True
+"""
 
 from pyro_nf.transforms.autoregressive import (
     Autoregressive,

@@ -97,6 +97,15 @@ class PairCache:
     the entry as soon as a gradient flows through any of its tensors (a tensor hook):
     computing the same ``log_prob`` twice with a ``backward()`` after each, without an
     optimizer step in between, never meets "backward through the graph a second time".
+
+    Example:
+        >>> cache = PairCache()
+        >>> z, x = torch.zeros(2), torch.ones(2)
+        >>> cache.store(z, x, torch.tensor(0.0), state=("parameter versions",))
+        >>> cache.lookup_forward(z, ("parameter versions",)) is x
+        True
+        >>> cache.lookup_forward(z, ("after an optimizer step",)) is None
+        True
     """
 
     def __init__(self) -> None:
