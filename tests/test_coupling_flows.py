@@ -117,3 +117,14 @@ def test_replacing_a_nested_submodule_or_parameter_invalidates_the_cache():
     replaced_parameter = layer.inv(x)
     assert replaced_parameter is not replaced_module
     torch.testing.assert_close(replaced_parameter, layer.inverse_and_log_det(x)[0])
+
+
+def test_reprs_say_what_each_layer_is():
+    realnvp = repr(pyro_nf.realnvp(4, num_layers=2, hidden_dims=(8,), permutation="reverse"))
+    assert "Coupling(dim=4, coupling_function=Affine(" in realnvp and "mask=1100" in realnvp
+    assert "Permutation(dim=4, permutation=reverse)" in realnvp
+    maf = repr(pyro_nf.maf(4, num_layers=1, hidden_dims=(8, 8), order="reverse").layers[0])
+    assert maf.startswith("MaskedAutoregressive(dim=4, coupling_function=Affine(")
+    assert "hidden=(8, 8), order=reverse" in maf
+    cnf = repr(pyro_nf.cnf(2, hidden_dims=(8,)).layers[0])
+    assert cnf.startswith("ContinuousFlow(dim=2, hidden=(8,), trace='exact'")

@@ -104,7 +104,7 @@ class ODEDynamics(nn.Module):
         super().__init__()
         self.dim = dim = integer("dim", dim)
         self.context_dim = context_dim = integer("context_dim", context_dim, minimum=0)
-        hidden_dims = layer_sizes("hidden_dims", hidden_dims)
+        self.hidden_dims = hidden_dims = layer_sizes("hidden_dims", hidden_dims)
         sizes = [dim, *hidden_dims, dim]
         self.layers = nn.ModuleList(
             ConcatSquashLinear(n_in, n_out, context_dim)

@@ -67,6 +67,7 @@ class MLP(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
+        self.hidden_dims = hidden_dims
         self.context_dim = context_dim
         make_activation = activation_module(activation)
         sizes = [in_features + context_dim, *hidden_dims, out_features]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pyro_nf.nn.made import MADE
-from pyro_nf.transforms.base import FlowTransform, broadcast_context
+from pyro_nf.transforms.base import FlowTransform, broadcast_context, describe_order
 from pyro_nf.transforms.coupling_functions import CouplingFunction
 from pyro_nf.transforms.coupling_functions import coupling_function as make_coupling_function
 
@@ -152,7 +152,12 @@ class Autoregressive(FlowTransform):
         return self._sequential_pass(x, context, inverse=True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, coupling_function={self.coupling_function!r}"
+        made = self.conditioner
+        return (
+            f"{super().extra_repr()}, coupling_function={self.coupling_function!r}, "
+            f"hidden={made.hidden_dims}, order={describe_order(made.order)}"
+            + (", residual=True" if made.residual else "")
+        )
 
 
 class MaskedAutoregressive(Autoregressive):

@@ -394,6 +394,26 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         text = f"dim={self.dim}"
         return text + (f", context_dim={self.context_dim}" if self.is_conditional else "")
 
+    def __repr__(self) -> str:
+        # One line that says what the layer is (torch's Transform.__repr__ would print
+        # ``Coupling()``, nn.Module's every submodule).
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def describe_order(order: Tensor) -> str:
+    """``"natural"``, ``"reverse"`` or the explicit list, for reprs of orders and permutations.
+
+    Example:
+        >>> describe_order(torch.tensor([2, 1, 0])), describe_order(torch.tensor([1, 0, 2]))
+        ('reverse', '[1, 0, 2]')
+    """
+    values = order.tolist()
+    if values == list(range(len(values))):
+        return "natural"
+    if values == list(range(len(values) - 1, -1, -1)):
+        return "reverse"
+    return str(values)
+
 
 class InverseFlowTransform(_InverseTransform, ConditionalTransform):
     """The inverse x -> z of a :class:`FlowTransform`, conditional when the transform is."""

@@ -419,7 +419,15 @@ class ContinuousFlow(FlowTransform):
 
     def extra_repr(self) -> str:
         time = "learned" if self.learn_time else f"{float(self.fixed_time):g}"
-        return f"{super().extra_repr()}, trace={self.trace!r}, time={time}"
+        ode = self.ode
+        hidden = getattr(self.dynamics, "hidden_dims", None)
+        return (
+            f"{super().extra_repr()}"
+            + ("" if hidden is None else f", hidden={hidden}")
+            + f", trace={self.trace!r}, time={time}, method={ode.method!r}, "
+            f"rtol={ode.rtol:g}, atol={ode.atol:g}, adjoint={ode.adjoint}"
+            + (", regularize=True" if self.regularize else "")
+        )
 
 
 def collect_regularization(module: nn.Module) -> dict[str, Tensor]:

@@ -134,7 +134,11 @@ class Coupling(FlowTransform):
         return self._pass(x, context, inverse=True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, coupling_function={self.coupling_function!r}"
+        mask = "".join("1" if kept else "0" for kept in self.mask.tolist())
+        text = f"{super().extra_repr()}, coupling_function={self.coupling_function!r}"
+        hidden = getattr(self.conditioner, "hidden_dims", None)
+        text += f", mask={mask}" + ("" if hidden is None else f", hidden={hidden}")
+        return text
 
 
 def _split_layout(mask: Tensor) -> str:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from pyro_nf._validation import integer
 from pyro_nf.nn.made import autoregressive_order
-from pyro_nf.transforms.base import FlowTransform, zeros_like_batch
+from pyro_nf.transforms.base import FlowTransform, describe_order, zeros_like_batch
 
 __all__ = ["Permutation", "ActNorm", "LULinear"]
 
@@ -55,6 +55,9 @@ class Permutation(FlowTransform):
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         return x.index_select(-1, self.inverse_permutation), zeros_like_batch(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, permutation={describe_order(self.permutation)}"
 
 
 class ActNorm(FlowTransform):
