@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from pyro_nf._validation import check_context, integer
+
 __all__ = [
     "ArrayDataset",
     "EpochPermutation",
@@ -251,12 +253,9 @@ class NpyBatches:
         start, stop = (0, total) if rows is None else rows
         if not 0 <= start < stop <= total:
             raise ValueError(f"expected rows (start, stop) within [0, {total}], got {rows}")
-        for name, value in (("batch_size", batch_size), ("block_rows", block_rows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.start, self.stop = start, stop
-        self.batch_size = batch_size
-        self.block_rows = max(block_rows, batch_size)
+        self.batch_size = integer("batch_size", batch_size)
+        self.block_rows = max(integer("block_rows", block_rows), self.batch_size)
         self.shuffle, self.seed = shuffle, seed
         self.dtype = dtype
         self.passes = 0
@@ -296,23 +295,27 @@ class NpyBatches:
 
 
 def prepare_batch(
-    batch: Tensor | Sequence[Tensor], dim: int, context_dim: int, like: Tensor
+    batch: Tensor | Sequence[Tensor | None], dim: int, context_dim: int, like: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Check a minibatch and move it to ``like``'s device and dtype.
+
+    :func:`pyro_nf.fit` also checks a whole data tensor with it (``like=None``: checked,
+    not moved) before training.
 
     Arguments:
         batch: ``x`` of shape ``(B, dim)``, or ``(x,)``, or ``(x, context)`` with a
             context of shape ``(B, context_dim)``.
         dim: the flow's event size.
         context_dim: the flow's context size (0: unconditional, no context allowed).
-        like: a tensor on the target device and dtype (e.g. a flow's buffer).
+        like: a tensor on the target device and dtype (e.g. a flow's buffer), or None
+            to leave the tensors where they are.
 
     Returns:
         ``(x, context)``, the context None for an unconditional flow.
 
     Raises:
         ValueError: on a wrong shape, a missing or unexpected context, or non-finite
-            values.
+            values; TypeError: a context that is not a tensor.
 
     Example:
         >>> x, c = prepare_batch(torch.zeros(3, 2), dim=2, context_dim=0, like=torch.ones(1))
@@ -332,16 +335,16 @@ def prepare_batch(
         raise ValueError(f"expected data of shape (N, {dim}), got {shape}")
     if not torch.isfinite(x).all():
         raise ValueError("data contains non-finite values (NaN or inf)")
-    x = x.to(device=like.device, dtype=like.dtype)
-    if context_dim == 0:
-        if context is not None:
-            raise ValueError("the flow is unconditional (context_dim=0) but a context was given")
-        return x, None
+    if like is not None:
+        x = x.to(device=like.device, dtype=like.dtype)
+    check_context("the flow", context, context_dim)
     if context is None:
-        raise ValueError(f"the flow is conditional: pass a context of shape (N, {context_dim})")
-    if not isinstance(context, Tensor) or tuple(context.shape) != (x.shape[0], context_dim):
-        shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-        raise ValueError(f"expected a context of shape ({x.shape[0]}, {context_dim}), got {shape}")
+        return x, None
+    if tuple(context.shape) != (x.shape[0], context_dim):
+        raise ValueError(
+            f"expected a context of shape ({x.shape[0]}, {context_dim}), one row per data "
+            f"row, got {tuple(context.shape)}"
+        )
     if not torch.isfinite(context).all():
         raise ValueError("context contains non-finite values (NaN or inf)")
-    return x, context.to(device=like.device, dtype=like.dtype)
+    return x, context if like is None else context.to(device=like.device, dtype=like.dtype)

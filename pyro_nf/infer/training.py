@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from pyro_nf._validation import integer, positive_number
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import ArrayDataset, batch_loader, prepare_batch, split_indices
 
@@ -294,38 +295,6 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_tensor_data(flow: Flow, data: Tensor, context: Tensor | None) -> None:
-    # The whole tensor is checked up front, before any training; a dataset or a stream
-    # is checked minibatch by minibatch by prepare_batch.
-    if data.dim() != 2 or data.shape[1] != flow.dim:
-        raise ValueError(f"expected data of shape (N, {flow.dim}), got {tuple(data.shape)}")
-    if not torch.isfinite(data).all():
-        raise ValueError("data contains non-finite values (NaN or inf)")
-    if flow.context_dim > 0:
-        if context is None:
-            raise ValueError(
-                f"the flow is conditional: pass a context of shape (N, {flow.context_dim})"
-            )
-        if not isinstance(context, Tensor) or tuple(context.shape) != (
-            data.shape[0],
-            flow.context_dim,
-        ):
-            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context)
-            raise ValueError(
-                f"expected a context of shape ({data.shape[0]}, {flow.context_dim}), got {shape}"
-            )
-        if not torch.isfinite(context).all():
-            raise ValueError("context contains non-finite values (NaN or inf)")
-    elif context is not None:
-        raise ValueError("the flow is unconditional (context_dim=0) but a context was given")
-
-
 def _is_batch(batch: object) -> bool:
     if isinstance(batch, list | tuple):
         return bool(batch) and all(isinstance(t, Tensor) for t in batch)
@@ -348,7 +317,9 @@ def _loaders(
 ) -> tuple[Iterable[Batch], Iterable[Batch] | None, Tensor | None]:
     """The training batches, the validation batches (or None) and the held-out indices."""
     if isinstance(data, Tensor):
-        _check_tensor_data(flow, data, context)
+        # The whole tensor is checked up front, before any training (a dataset or a
+        # stream minibatch by minibatch), with the same checks.
+        prepare_batch((data, context), flow.dim, flow.context_dim, like=None)
         data = ArrayDataset(data, context)
     elif context is not None:
         raise ValueError(
@@ -483,8 +454,9 @@ def fit(
         a :class:`FitHistory`.
 
     Raises:
-        ValueError, TypeError: on invalid input, before any training (for a dataset or
-            stream: when the offending minibatch is read).
+        ValueError, TypeError: on invalid input (a wrong type: TypeError; a wrong value:
+            ValueError), before any training (for a dataset or stream: when the
+            offending minibatch is read).
         NonFiniteLossError: on a non-finite loss or gradient.
 
     Example:
@@ -501,15 +473,13 @@ def fit(
         raise ValueError(f"expected data of shape (N, {flow.dim}), got {type(data).__name__}")
     if not isinstance(validation_fraction, int | float) or not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-    epochs = _positive_int("epochs", epochs)
-    batch_size = _positive_int("batch_size", batch_size)
+    epochs = integer("epochs", epochs)
+    batch_size = integer("batch_size", batch_size)
     if patience is not None:
-        patience = _positive_int("patience", patience)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        patience = integer("patience", patience)
+    num_workers = integer("num_workers", num_workers, minimum=0)
     if optimizer is None:
-        if not isinstance(lr, int | float) or not lr > 0:
-            raise ValueError(f"lr must be a positive float, got {lr!r}")
+        lr = positive_number("lr", lr)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
     train_batches, validation_batches, validation_index = _loaders(

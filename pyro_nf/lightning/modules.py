@@ -27,6 +27,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from torch import Tensor, nn
 
+from pyro_nf._validation import positive_number
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import prepare_batch
 from pyro_nf.infer.training import (
@@ -48,8 +49,8 @@ class _GuardedTraining(pl.LightningModule):
 
     def __init__(self, lr: float, optimizer: OptimizerFactory | None) -> None:
         super().__init__()
-        if optimizer is None and (not isinstance(lr, int | float) or not lr > 0):
-            raise ValueError(f"lr must be a positive float, got {lr!r}")
+        if optimizer is None:
+            lr = positive_number("lr", lr)
         if optimizer is not None and not callable(optimizer):
             raise TypeError(
                 "optimizer must be a callable from parameters to a torch optimizer, "
