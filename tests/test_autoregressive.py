@@ -423,6 +423,8 @@ def fit_maf_to_two_moons(steps, coupling, num_points=1500, lr=5e-3):
 
 def test_maf_in_a_pyro_model_beats_a_gaussian_on_two_moons():
     flow_ll, gaussian_ll = fit_maf_to_two_moons(steps=300, coupling="affine")
+    # On two moons a converged flow is 0.84 nats above the best Gaussian (-2.46 vs -3.30
+    # held out, docs' density table): 300 steps of an affine MAF must close about half of that.
     assert flow_ll > gaussian_ll + 0.4, (flow_ll, gaussian_ll)
 
 
@@ -430,4 +432,6 @@ def test_maf_in_a_pyro_model_beats_a_gaussian_on_two_moons():
 def test_spline_maf_in_a_pyro_model_fits_two_moons_well():
     # More data than the quick test: a spline flow overfits 1000 points.
     flow_ll, gaussian_ll = fit_maf_to_two_moons(500, "spline", num_points=6000, lr=3e-3)
+    # On two moons a converged flow is 0.84 nats above the best Gaussian (-2.46 vs -3.30
+    # held out, docs' density table): a spline MAF with 6000 points must close two thirds of that.
     assert flow_ll > gaussian_ll + 0.55, (flow_ll, gaussian_ll)

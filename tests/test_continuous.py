@@ -403,4 +403,6 @@ def test_cnf_density_model_beats_gaussian_on_two_moons():
     with torch.no_grad():
         flow_ll = flow.log_prob(test).mean().item()
     gaussian_ll = gaussian_log_likelihood(train, test)
+    # On two moons a converged flow is 0.84 nats above the best Gaussian (-2.46 vs -3.30
+    # held out, docs' density table): the short run must close at least a third of that.
     assert flow_ll > gaussian_ll + 0.3, (flow_ll, gaussian_ll)

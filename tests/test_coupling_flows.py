@@ -6,7 +6,7 @@ import torch
 import pyro_nf
 from pyro_nf import datasets
 from pyro_nf.demo import fit_with_svi, gaussian_log_likelihood, main
-from pyro_nf.transforms import Coupling, half_mask
+from pyro_nf.transforms import Coupling
 
 
 @pytest.mark.parametrize("coupling", ["affine", "additive", "spline"])
@@ -80,8 +80,9 @@ def test_fresh_coupling_flow_is_close_to_identity():
     flow = pyro_nf.realnvp(4, num_layers=4)
     z = torch.randn(100, 4)
     x = flow.transform(z)
+    # The conditioners' last layers start at 1e-2 of their usual scale, so every layer
+    # moves a point by about 1e-2 of its scale; 0.1 allows four layers and 3-sigma inputs.
     assert (x - z).abs().max() < 0.1
-    assert half_mask(4).sum() == 2
 
 
 def test_realnvp_density_model_beats_gaussian_on_two_moons():
@@ -94,6 +95,8 @@ def test_realnvp_density_model_beats_gaussian_on_two_moons():
     with torch.no_grad():
         flow_ll = flow.log_prob(test).mean().item()
     gaussian_ll = gaussian_log_likelihood(train, test)
+    # On two moons a converged flow is 0.84 nats above the best Gaussian (-2.46 vs -3.30
+    # held out, docs' density table): 400 SVI steps must close at least a third of that.
     assert flow_ll > gaussian_ll + 0.3, (flow_ll, gaussian_ll)
 
 
