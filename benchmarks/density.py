@@ -481,18 +481,44 @@ def format_row(row: dict) -> str:
     )
 
 
+def _order(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Data sets and models in the suite's order (toys, then tabular; MODELS' order)."""
+    known_data = [*TOYS, *TABULAR]
+    known_models = list(MODELS)
+
+    def data_rank(data: str) -> int:
+        name = data.split(" (")[0]
+        return known_data.index(name) if name in known_data else len(known_data)
+
+    def model_rank(model: str) -> int:
+        return known_models.index(model) if model in known_models else len(known_models)
+
+    datasets = sorted(dict.fromkeys(row["data"] for row in rows), key=data_rank)
+    models = sorted(dict.fromkeys(row["model"] for row in rows), key=model_rank)
+    return datasets, models
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Data sets as rows, models as columns: ``NLL ± se`` (best in bold), then seconds."""
-    datasets = list(dict.fromkeys(row["data"] for row in rows))
-    models = list(dict.fromkeys(row["model"] for row in rows))
+    """Data sets as rows, models as columns: ``NLL ± se`` (best in bold), then seconds.
+
+    When pyro-nf models (names starting with ``pyro-nf``) and peers are both present,
+    a last column gives pyro-nf's best NLL minus the best peer's (negative: pyro-nf
+    ahead).
+    """
+    datasets, models = _order(rows)
     by_key = {(row["data"], row["model"]): row for row in rows}
-    lines = [
-        "| data | " + " | ".join(models) + " |",
-        "|---|" + "---|" * len(models),
-    ]
+    ours = [m for m in models if m.startswith("pyro-nf")]
+    peers = [m for m in models if not m.startswith("pyro-nf")]
+    margin = bool(ours and peers)
+    header = "| data | " + " | ".join(models) + " |" + (" pyro-nf − best peer |" if margin else "")
+    lines = [header, "|---|" + "---|" * (len(models) + margin)]
+
+    def best_of(data: str, names: list[str]) -> float:
+        values = [by_key[(data, m)]["nll"] for m in names if (data, m) in by_key]
+        return min((v for v in values if not math.isnan(v)), default=math.nan)
+
     for data in datasets:
-        present = [by_key[(data, m)]["nll"] for m in models if (data, m) in by_key]
-        best = min((v for v in present if not math.isnan(v)), default=math.nan)
+        best = best_of(data, models)
         cells = []
         for m in models:
             row = by_key.get((data, m))
@@ -501,14 +527,15 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             text = f"{row['nll']:.3f} ± {row['se']:.3f}"
             cells.append(f"**{text}**" if row["nll"] == best else text)
+        if margin:
+            cells.append(f"{best_of(data, ours) - best_of(data, peers):+.3f}")
         lines.append(f"| {data} | " + " | ".join(cells) + " |")
+    seconds = [
+        f"{sum(by_key[(d, m)]['seconds'] for d in datasets if (d, m) in by_key):.0f}"
+        for m in models
+    ]
     lines.append(
-        "| training time (s, sum) | "
-        + " | ".join(
-            f"{sum(by_key[(d, m)]['seconds'] for d in datasets if (d, m) in by_key):.0f}"
-            for m in models
-        )
-        + " |"
+        "| training time (s, sum) | " + " | ".join(seconds) + " |" + (" |" if margin else "")
     )
     return "\n".join(lines)
 
