@@ -214,6 +214,8 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
     codomain = constraints.real_vector
     bijective = True
     cheap_inverse = False
+    #: True for a transform whose first pass sets parameters from the data (ActNorm).
+    initializes_from_data = False
 
     def __init__(self, dim: int, context_dim: int = 0, cache_size: int = 1) -> None:
         dim = integer("dim", dim)
@@ -298,27 +300,43 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         # rarely changes after construction, the tensors in it are read every time.
         if _is_compiling():
             return tuple(_walk_modules(self))  # a trace runs once: no memo to keep
+        return self._memo()[1]
+
+    def _memo(self) -> tuple[int, tuple[torch.nn.Module, ...], tuple[Tensor, ...]]:
+        """``(generation, modules, their parameters and buffers)``, rebuilt on a change."""
         memo = self.__dict__.get("_state_modules")
         if memo is None or memo[0] != _module_tree_generation:
             modules = tuple(_walk_modules(self))
             for module in modules:
                 module.__dict__[_TREE_MEMBER] = True
-            memo = self.__dict__["_state_modules"] = (_module_tree_generation, modules)
-        return memo[1]
+            # A replaced parameter or buffer bumps the generation (registration hooks),
+            # so the flat list of tensors stays right until the next rebuild.
+            tensors = tuple(
+                tensor
+                for module in modules
+                for tensors in (module._parameters, module._buffers)
+                for tensor in tensors.values()
+                if tensor is not None
+            )
+            memo = self.__dict__["_state_modules"] = (_module_tree_generation, modules, tensors)
+        return memo
 
     def state_versions(self) -> tuple:
         """Version counters of all parameters and buffers: part of every cache stamp."""
-        return tuple(
-            _version_of(tensor)
-            for module in self._module_tree()
-            for tensors in (module._parameters, module._buffers)
-            for tensor in tensors.values()
-            if tensor is not None
-        )
+        tensors = self._memo()[2]
+        try:
+            return tuple([tensor._version for tensor in tensors])
+        except RuntimeError:  # an inference tensor has no version counter
+            return tuple(_version_of(tensor) for tensor in tensors)
 
     def _cache_state(self, context: Tensor | None) -> tuple:
         context_key = None if context is None else (id(context), _version_of(context))
         return (_module_tree_generation, self.state_versions(), context_key)
+
+    def _state_after_pass(self, state_before: tuple, context: Tensor | None) -> tuple:
+        # Only a pass that initializes parameters from the data (ActNorm) changes the
+        # state; every other pass is a read, so the stamp taken before it still holds.
+        return self._cache_state(context) if self.initializes_from_data else state_before
 
     # ----------------------------------------------------------------- cached passes
     def _cached_forward(self, z: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
@@ -329,8 +347,7 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         x = cache.lookup_forward(z, state)
         if x is None:
             x, log_det = self.forward_and_log_det(z, context)
-            # The state is read again: a pass may initialize parameters (ActNorm).
-            cache.store(z, x, log_det, self._cache_state(context))
+            cache.store(z, x, log_det, self._state_after_pass(state, context))
         return x
 
     def _cached_inverse(self, x: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
@@ -341,7 +358,7 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         z = cache.lookup_inverse(x, state)
         if z is None:
             z, log_det = self.inverse_and_log_det(x, context)
-            cache.store(z, x, log_det, self._cache_state(context))
+            cache.store(z, x, log_det, self._state_after_pass(state, context))
         return z
 
     def _cached_log_det(

@@ -85,6 +85,8 @@ class ActNorm(FlowTransform):
         True
     """
 
+    initializes_from_data = True
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__(dim)
         self.eps = eps
