@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +64,14 @@ def test_import_pyro_nf_does_not_import_lightning():
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp")
+    # The workers import the same pyro_nf as this process (this checkout's).
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     completed = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "lightning_ddp_worker.py"), str(output)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # about 30 s of CPU; a loaded shared machine can stretch it far
+        env={**os.environ, "PYTHONPATH": path},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return output
