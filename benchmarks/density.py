@@ -528,7 +528,8 @@ def markdown_table(rows: list[dict]) -> str:
             text = f"{row['nll']:.3f} ± {row['se']:.3f}"
             cells.append(f"**{text}**" if row["nll"] == best else text)
         if margin:
-            cells.append(f"{best_of(data, ours) - best_of(data, peers):+.3f}")
+            difference = best_of(data, ours) - best_of(data, peers)
+            cells.append("" if math.isnan(difference) else f"{difference:+.3f}")
         lines.append(f"| {data} | " + " | ".join(cells) + " |")
     seconds = [
         f"{sum(by_key[(d, m)]['seconds'] for d in datasets if (d, m) in by_key):.0f}"
