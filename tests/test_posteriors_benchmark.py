@@ -1,0 +1,155 @@
+"""The posterior suite (``benchmarks/posteriors.py``): its references and a quick run.
+
+The closed-form references are checked against exact draws of each target, the stored
+NUTS references for their shape and convergence, and ``--quick`` for a full pass
+through every target and guide.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+pytest.importorskip("sklearn")
+
+
+def load_suite():
+    if "posteriors_suite" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "posteriors_suite", BENCHMARKS / "posteriors.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["posteriors_suite"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["posteriors_suite"]
+
+
+def assert_moments(draws: torch.Tensor, problem, tolerance: float) -> None:
+    """Exact draws' moments agree with the reference to ``tolerance`` sds."""
+    error = (draws.mean(0) - problem.mean).abs() / problem.sd
+    log_ratio = (draws.std(0) / problem.sd).log().abs()
+    assert error.max() < tolerance, error
+    assert log_ratio.max() < tolerance, log_ratio
+
+
+def test_banana_reference_matches_exact_draws():
+    problem = load_suite().make_problems(["banana"])["banana"]
+    x1 = torch.randn(200_000)
+    x2 = torch.randn(200_000) + x1**2 - 1  # the unit-Jacobian map of the banana
+    # 200k draws: the moments' Monte Carlo error is ~0.003 sd (0.01 for the sd of x2,
+    # whose fourth moment is large); 0.03 is several of those and far below a real bug.
+    assert_moments(torch.stack([x1, x2], -1), problem, 0.03)
+
+
+def test_bimodal_reference_and_normalizer():
+    suite = load_suite()
+    problem = suite.make_problems(["bimodal"])["bimodal"]
+    sign = torch.randint(0, 2, (200_000,)) * 2 - 1
+    draws = torch.stack([2.0 * sign, torch.zeros(200_000)], -1) + 0.5 * torch.randn(200_000, 2)
+    assert_moments(draws, problem, 0.03)  # as for the banana: MC error ~0.003 sd
+    # log Z = 0: a Riemann sum on a fine grid that holds all the mass.
+    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+    mass = suite._bimodal_log_density(x).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+    assert problem.log_z == 0.0
+
+
+def test_funnel_reference_matches_exact_draws():
+    problem = load_suite().make_problems(["funnel"])["funnel"]
+    v = 3.0 * torch.randn(400_000, dtype=torch.float64)
+    x = (0.5 * v).exp()[:, None] * torch.randn(400_000, 9, dtype=torch.float64)
+    draws = torch.cat([v[:, None], x], -1)
+    # v's moments are known to ~0.002 sd from these draws. x_i has E[x^4] = 3 e^{18}, so
+    # neither its sample sd nor a sample mean of e^v is a usable check; its variance
+    # E[e^v] is checked by quadrature of e^v N(v; 0, 9) on a grid holding all the mass.
+    assert_moments(draws[:, :1], _slice(problem, 0, 1), 0.02)
+    grid = torch.linspace(-40, 40, 80_001, dtype=torch.float64)
+    second_moment = (grid.exp() * torch.distributions.Normal(0.0, 3.0).log_prob(grid).exp()).sum()
+    second_moment = second_moment * (grid[1] - grid[0])
+    assert float(problem.sd[1]) ** 2 == pytest.approx(float(second_moment), rel=1e-6)
+    assert float(problem.mean.abs().max()) == 0.0  # symmetric in each x_i and in v
+
+
+def _slice(problem, start: int, stop: int):
+    return type(problem)(
+        problem.name,
+        problem.model,
+        stop - start,
+        problem.log_z,
+        problem.mean[start:stop],
+        problem.sd[start:stop],
+    )
+
+
+def test_unconstrained_flat_inverts_supports_in_site_order():
+    suite = load_suite()
+    draws = {"mu": torch.randn(7), "tau": torch.rand(7) + 0.1, "theta": torch.randn(7, 8)}
+    flat = suite.unconstrained_flat(suite.schools_centred, draws)
+    assert flat.shape == (7, 10)
+    torch.testing.assert_close(flat[:, 0], draws["mu"])
+    torch.testing.assert_close(flat[:, 1], draws["tau"].log())
+    torch.testing.assert_close(flat[:, 2:], draws["theta"])
+
+
+@pytest.mark.parametrize("name", ["schools_c", "schools_nc", "logistic", "radon"])
+def test_stored_nuts_reference(name):
+    suite = load_suite()
+    path = suite.REFERENCE_DIR / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"no stored reference {path.name}: run benchmarks/posteriors_reference.py")
+    record = json.loads(path.read_text())
+    problem = suite.make_problems([name])[name]
+    assert len(record["mean"]) == len(record["sd"]) == problem.dim
+    assert all(sd > 0 and math.isfinite(sd) for sd in record["sd"])
+    # Convergence bars of Vehtari et al. (2021): split R-hat below 1.01 and a bulk ESS
+    # above 100 per chain, so a mean is known to ~1/sqrt(ESS) < 0.05 sd.
+    assert record["nuts"]["max_rhat"] < 1.01
+    assert record["nuts"]["min_ess"] > 100 * record["nuts"]["chains"]
+
+
+def test_quick_run_every_guide_on_the_banana(tmp_path):
+    suite = load_suite()
+    output = tmp_path / "rows.json"
+    rows = suite.main(["--quick", "--targets", "banana", "--output", str(output)])
+    guides = list(suite.guide_factories({}))
+    assert [row["guide"] for row in rows] == guides
+    assert json.loads(output.read_text())[0]["guide"] == guides[0]
+    for row in rows:
+        # A five-step run may not be good, but every guide must run and be scored.
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["elbo"]) and row["seconds"] >= 0
+        assert row["kl"] == pytest.approx(math.log(2 * math.pi) - row["elbo"])
+        assert math.isfinite(row["err"]) and math.isfinite(row["lsd"])
+
+
+def test_quick_run_every_target(tmp_path):
+    suite = load_suite()
+    guides = "AutoNormal,AutoFlow(realnvp)"
+    rows = suite.main(["--quick", "--guides", guides])
+    assert [(row["target"], row["guide"]) for row in rows] == [
+        (target, guide) for target in suite.TARGETS for guide in guides.split(",")
+    ]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["elbo"])
+        assert (
+            len(row["moments"]["mean"]) == suite.make_problems([row["target"]])[row["target"]].dim
+        )
+
+
+def test_unknown_names_are_errors():
+    suite = load_suite()
+    with pytest.raises(ValueError, match="unknown target"):
+        suite.make_problems(["nope"])
+    with pytest.raises(ValueError, match="unknown guides"):
+        suite.main(["--quick", "--guides", "Nope"])
