@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.manual_seed(args.seed)
     data = datasets.toy_density(args.density, args.num_samples, seed=args.seed)
     train, test = datasets.train_test_split(data, test_fraction=0.25, seed=args.seed)
-    flow = realnvp(dim=2, num_layers=args.layers, hidden_dims=(64, 64), coupling="affine")
+    flow = realnvp(dim=2, num_layers=args.layers, hidden_dims=(64, 64), coupling_function="affine")
     print(
         f"Fitting real NVP ({args.layers} coupling layers) to {args.density}: {len(train)} training points"
     )
