@@ -112,24 +112,31 @@ def _is_conditional(transform: Transform, context_dim: int) -> bool:
     return context_dim > 0 and isinstance(transform, ConditionalTransform)
 
 
+def _fresh_pass(bound: Transform, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """One uncached pass (x -> z if ``inverse`` else z -> x) and ``log |det dx/dz|``.
+
+    A package transform (or a binding of one) runs its ``*_and_log_det`` method; any
+    other Pyro transform runs ``_call`` / ``_inverse`` and ``log_abs_det_jacobian`` on
+    clones, which no cache can recognise.
+    """
+    parent = getattr(bound, "transform", bound)
+    method = "inverse_and_log_det" if inverse else "forward_and_log_det"
+    if hasattr(parent, method):
+        context = getattr(bound, "context", None) if parent is not bound else None
+        return getattr(parent, method)(value, context)
+    output = bound._inverse(value) if inverse else bound._call(value)
+    z, x = (output, value) if inverse else (value, output)
+    return output, bound.log_abs_det_jacobian(z.clone(), x.clone())
+
+
 def _fresh_forward(bound: Transform, z: Tensor) -> tuple[Tensor, Tensor]:
     """One uncached z -> x pass and its log-determinant."""
-    parent = getattr(bound, "transform", bound)
-    if hasattr(parent, "forward_and_log_det"):
-        context = getattr(bound, "context", None) if parent is not bound else None
-        return parent.forward_and_log_det(z, context)
-    x = bound._call(z)
-    return x, bound.log_abs_det_jacobian(z.clone(), x.clone())
+    return _fresh_pass(bound, z, inverse=False)
 
 
 def _fresh_inverse(bound: Transform, x: Tensor) -> tuple[Tensor, Tensor]:
     """One uncached x -> z pass and ``log |det dx/dz|`` at that point."""
-    parent = getattr(bound, "transform", bound)
-    if hasattr(parent, "inverse_and_log_det"):
-        context = getattr(bound, "context", None) if parent is not bound else None
-        return parent.inverse_and_log_det(x, context)
-    z = bound._inverse(x)
-    return z, bound.log_abs_det_jacobian(z.clone(), x.clone())
+    return _fresh_pass(bound, x, inverse=True)
 
 
 @dataclass

@@ -119,12 +119,6 @@ def test_jit_elbo_trains_a_flow_density_model(family):
     assert jit_losses[-1] < jit_losses[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="waits on ContinuousFlow raising a clear error under torch.jit tracing "
-    "(reported to the lead); today torch's autograd.grad fails inside the trace",
-)
 @pytest.mark.parametrize("use", ["guide", "density"])
 def test_jit_elbo_with_a_continuous_flow_is_a_clear_error(use):
     if use == "guide":

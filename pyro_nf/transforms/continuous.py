@@ -323,6 +323,12 @@ class ContinuousFlow(FlowTransform):
         Such rows are left out of the solve and come back as NaN (the answer of every
         other family for them), and an empty batch needs no solve at all.
         """
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "ContinuousFlow cannot be traced by torch.jit (JitTrace_ELBO and friends): "
+                "the trace of its Jacobian needs torch.autograd.grad and the adaptive solver "
+                "takes data-dependent steps; train it with Trace_ELBO (torch.compile works)"
+            )
         value, context = broadcast_context(value, context)
         batch_shape = value.shape[:-1]
         if value.numel() == 0:
