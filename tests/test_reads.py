@@ -1,0 +1,59 @@
+"""A read never writes, seen from the user's side: the reported reproducer, and a trained
+guide of every family evaluated the ways Pyro evaluates guides."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+
+import pyro_nf
+from pyro_nf.flows import FLOW_BUILDERS
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def _changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        name for name, value in module.state_dict().items() if not torch.equal(value, before[name])
+    ]
+
+
+@pytest.mark.parametrize("family", list(FLOW_BUILDERS))
+def test_the_reported_reproducer_leaves_every_flow_unchanged(family):
+    flow = FLOW_BUILDERS[family](3, num_layers=2, hidden_dims=(16,))
+    before = _snapshot(flow)
+    flow.sample()
+    flow.sample((1,))
+    with torch.no_grad():
+        flow.log_prob(torch.randn(3))
+        flow.log_prob(torch.randn(1, 3))
+    assert _changed(flow, before) == []
+
+
+def banana(data=None):
+    x = pyro.sample("x", dist.Normal(0.0, 2.0))
+    pyro.sample("y", dist.Normal(0.5 * x**2, 0.5))
+
+
+@pytest.mark.parametrize("family", list(FLOW_BUILDERS))
+def test_evaluating_a_trained_guide_changes_nothing(family):
+    options = {"hidden_dims": (16,)} if family == "cnf" else {"num_layers": 2, "hidden_dims": (16,)}
+    guide = pyro_nf.AutoFlow(banana, flow=family, **options)
+    svi = SVI(banana, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(5):
+        svi.step()
+    before = _snapshot(guide)
+    store_before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    losses = [Trace_ELBO().loss(banana, guide) for _ in range(3)]
+    losses.append(svi.evaluate_loss())
+    Predictive(banana, guide=guide, num_samples=50)()
+    pyro_nf.psis_diagnostic(banana, guide, num_samples=64)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert _changed(guide, before) == []
+    for name, value in pyro.get_param_store().items():
+        assert torch.equal(value.detach(), store_before[name]), f"{name} moved"
