@@ -163,13 +163,16 @@ def radon_data(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     ``sigma_y = 0.8``: many small groups, so the group intercepts are weakly identified
     and the centred posterior has the funnel-like coupling to ``sigma_a``.
     """
-    generator = torch.Generator().manual_seed(seed)
-    sizes = 1 + torch.poisson(torch.full((RADON_GROUPS,), 3.0), generator=generator).long()
+    # Drawn in float32 whatever the default dtype, so float64 runs see the same data.
+    generator, f32 = torch.Generator().manual_seed(seed), torch.float32
+    sizes = (
+        1 + torch.poisson(torch.full((RADON_GROUPS,), 3.0, dtype=f32), generator=generator).long()
+    )
     sizes = sizes.clamp(max=12)
     group = torch.repeat_interleave(torch.arange(RADON_GROUPS), sizes)
-    floor = (torch.rand(group.shape, generator=generator) < 0.3).float()
-    intercept = 1.5 + 0.4 * torch.randn(RADON_GROUPS, generator=generator)
-    noise = 0.8 * torch.randn(group.shape, generator=generator)
+    floor = (torch.rand(group.shape, generator=generator, dtype=f32) < 0.3).float()
+    intercept = 1.5 + 0.4 * torch.randn(RADON_GROUPS, generator=generator, dtype=f32)
+    noise = 0.8 * torch.randn(group.shape, generator=generator, dtype=f32)
     return group, floor, intercept[group] - 0.7 * floor + noise
 
 
