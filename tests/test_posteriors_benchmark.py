@@ -102,8 +102,8 @@ def test_unconstrained_flat_inverts_supports_in_site_order():
 
 
 RADON_SHORT = pytest.mark.xfail(
-    reason="the stored radon reference is a short run (4 x 500 draws after 300 warmup, "
-    "split R-hat 1.014): rerun benchmarks/posteriors_reference.py --targets radon longer",
+    reason="the stored radon reference is a short run (made within one session on a "
+    "shared machine): rerun benchmarks/posteriors_reference.py --targets radon longer",
     strict=False,
 )
 
