@@ -105,11 +105,11 @@ def spline_options(**overrides: object) -> dict:
 MODELS: dict[str, Callable[[int, int], DensityModel]] = {
     "pyro-nf realnvp": lambda d, w: pyro_nf_model(pyro_nf.realnvp(d, hidden_dims=(w, w))),
     "pyro-nf spline coupling": lambda d, w: pyro_nf_model(
-        pyro_nf.realnvp(d, hidden_dims=(w, w), coupling="spline")
+        pyro_nf.realnvp(d, hidden_dims=(w, w), coupling_function="spline")
     ),
     "pyro-nf maf": lambda d, w: pyro_nf_model(pyro_nf.maf(d, hidden_dims=(w, w))),
     "pyro-nf spline maf": lambda d, w: pyro_nf_model(
-        pyro_nf.maf(d, hidden_dims=(w, w), coupling="spline")
+        pyro_nf.maf(d, hidden_dims=(w, w), coupling_function="spline")
     ),
     "pyro-nf cnf": lambda d, w: pyro_nf_model(pyro_nf.cnf(d, hidden_dims=(w, w))),
     "pyro spline AR": pyro_spline_autoregressive,
@@ -163,7 +163,11 @@ def spline_study_models() -> dict[str, Callable[[int, int], DensityModel]]:
 def _spline_coupling(options: dict, actnorm: bool = False) -> Callable[[int, int], DensityModel]:
     def make(d: int, w: int) -> DensityModel:
         flow = pyro_nf.realnvp(
-            d, hidden_dims=(w, w), coupling="spline", coupling_kwargs=options, actnorm=actnorm
+            d,
+            hidden_dims=(w, w),
+            coupling_function="spline",
+            coupling_kwargs=options,
+            actnorm=actnorm,
         )
         return pyro_nf_model(flow)
 
@@ -564,17 +568,23 @@ def plot_grid(grid: dict, toys: list[str], models: list[str], path: str) -> None
             log_prob = grid.get((toy, model))
             if log_prob is None:
                 continue
-            density = torch.exp(log_prob.double())
-            density = torch.nan_to_num(density, nan=0.0)
-            # A robust colour scale: the 99.5th percentile, so one spike does not hide the rest.
-            top = float(torch.quantile(density.reshape(-1), 0.995))
+            log_prob = torch.nan_to_num(log_prob.double(), nan=-math.inf)
+            if toy == "student_t":
+                # Heavy tails are invisible on a linear scale: show log p over 12 nats.
+                density = log_prob.clamp_min(log_prob.max() - 12)
+                bottom, top = float(density.min()), float(density.max())
+            else:
+                density = torch.exp(log_prob)
+                # A robust colour scale: the 99.5th percentile, so one spike does not
+                # hide the rest.
+                bottom, top = 0.0, max(float(torch.quantile(density.reshape(-1), 0.995)), 1e-12)
             extent = 8.0 if toy == "student_t" else 5.0
             ax.imshow(
                 density.numpy(),
                 origin="lower",
                 extent=(-extent, extent, -extent, extent),
-                vmin=0,
-                vmax=max(top, 1e-12),
+                vmin=bottom,
+                vmax=top,
                 cmap="viridis",
             )
     fig.tight_layout(pad=0.2)
