@@ -57,3 +57,32 @@ def test_evaluating_a_trained_guide_changes_nothing(family):
     assert _changed(guide, before) == []
     for name, value in pyro.get_param_store().items():
         assert torch.equal(value.detach(), store_before[name]), f"{name} moved"
+
+
+@pytest.mark.parametrize("family", ["realnvp", "maf", "iaf"])
+def test_training_steps_keep_no_batch_alive(family):
+    """The pair cache's backward hooks must not hold the cached tensors: a cycle through
+    the autograd graph would keep every step's batch alive (about 10 MB a step at 65,536
+    rows before the fix)."""
+    import gc
+
+    flow = FLOW_BUILDERS[family](2, num_layers=2, hidden_dims=(8,))
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    rows = 123  # a batch size no other live tensor has
+
+    def live_batch_tensors() -> int:
+        gc.collect()
+        return sum(
+            1
+            for obj in gc.get_objects()
+            if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == rows
+        )
+
+    counts = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        (-flow.log_prob(torch.randn(rows, 2)).mean()).backward()
+        optimizer.step()
+        counts.append(live_batch_tensors())
+    # The last step's cache may keep its own batch; nothing may pile up across steps.
+    assert counts[-1] <= counts[0] <= 10, counts

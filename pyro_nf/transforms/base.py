@@ -110,17 +110,22 @@ class PairCache:
 
     def __init__(self) -> None:
         self._entry: tuple[Tensor, Tensor, Tensor, tuple] | None = None
+        self._token: object | None = None
 
     def clear(self) -> None:
         self._entry = None
 
     def _forget_on_backward(self, tensors: tuple[Tensor, ...]) -> None:
-        entry = self._entry
-        cache = weakref.ref(self)  # no reference cycle through the tensors' hooks
+        # The hook lives on the cached tensors, so it must not refer to them (nor to the
+        # cache, strongly): a closure over the entry would make a cycle through the
+        # autograd graph that Python's collector cannot see, and every training step
+        # would keep its batch alive. A plain token names the entry instead.
+        token = self._token = object()
+        cache = weakref.ref(self)
 
         def forget(grad: Tensor) -> None:
             owner = cache()
-            if owner is not None and owner._entry is entry:
+            if owner is not None and owner._token is token:
                 owner._entry = None
 
         for tensor in tensors:
