@@ -74,9 +74,10 @@ def rows_for(
     dim: int, coupling: str, batch: int, num_layers: int, hidden: list[int], device: torch.device
 ) -> list[Row]:
     torch.manual_seed(0)
-    kwargs = {"num_layers": num_layers, "hidden_dims": hidden, "coupling": coupling}
+    kwargs = {"num_layers": num_layers, "hidden_dims": hidden, "coupling_function": coupling}
     if coupling == "spline":
-        kwargs["coupling_kwargs"] = {"num_bins": NUM_BINS, "bound": BOUND}
+        # Pyro's spline has identity tails: the same function, for a like-for-like time.
+        kwargs["coupling_kwargs"] = {"num_bins": NUM_BINS, "bound": BOUND, "tails": "identity"}
     ours_maf = pyro_nf.maf(dim, **kwargs).to(device)
     ours_iaf = pyro_nf.iaf(dim, **kwargs).to(device)
     pyro_maf_layers = pyro_layers(dim, num_layers, hidden, coupling, maf=True)
