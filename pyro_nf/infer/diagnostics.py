@@ -30,6 +30,8 @@ from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from torch import Tensor
 
+from pyro_nf._validation import integer
+
 if TYPE_CHECKING:
     import arviz as az
 
@@ -163,11 +165,8 @@ def importance_draws(
         ``log_weights`` of shape ``(S,)`` and a dict of draws per latent site in the
         constrained space, shape ``(S, *site_shape)``.
     """
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-    batch_size = num_samples if batch_size is None else batch_size
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    num_samples = integer("num_samples", num_samples, minimum=2)
+    batch_size = num_samples if batch_size is None else integer("batch_size", batch_size)
     if max_plate_nesting is None:
         max_plate_nesting = _guess_max_plate_nesting(model, guide, args, kwargs)
     log_weights: list[Tensor] = []

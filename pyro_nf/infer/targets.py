@@ -21,6 +21,8 @@ import pyro
 import pyro.distributions as dist
 from torch import Tensor
 
+from pyro_nf._validation import integer
+
 __all__ = ["Target", "banana", "funnel", "twisted_gaussian"]
 
 
@@ -119,8 +121,7 @@ def funnel(dim: int = 10, scale: float = 3.0) -> Target:
         >>> round(target.log_normalizer, 4)
         10.288
     """
-    if not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"dim must be an integer >= 2, got {dim!r}")
+    dim = integer("dim", dim, minimum=2)
     n = dim - 1
 
     def log_density(x: Tensor) -> Tensor:

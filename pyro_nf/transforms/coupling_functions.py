@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyro_nf._validation import integer, positive_number
+
 __all__ = [
     "CouplingFunction",
     "Affine",
@@ -167,10 +169,8 @@ class RationalQuadraticSpline(CouplingFunction):
         min_bin_height: float = 1e-3,
         min_derivative: float = 1e-3,
     ) -> None:
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-        if not bound > 0:
-            raise ValueError(f"bound must be positive, got {bound!r}")
+        num_bins = integer("num_bins", num_bins)
+        bound = positive_number("bound", bound)
         if tails not in ("linear", "identity"):
             raise ValueError(f"tails must be 'linear' or 'identity', got {tails!r}")
         if min_bin_width * num_bins >= 1 or min_bin_height * num_bins >= 1:
