@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,13 +17,7 @@ pytest.importorskip("zuko")
 
 
 def load_density_suite():
-    name = "benchmark_density"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "density.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/density.py", "benchmark_density")
 
 
 def test_quick_mode_scores_every_model_and_writes_its_outputs(tmp_path):

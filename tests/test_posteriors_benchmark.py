@@ -7,14 +7,13 @@ through every target and guide.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -23,14 +22,7 @@ pytest.importorskip("sklearn")
 
 
 def load_suite():
-    if "posteriors_suite" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "posteriors_suite", BENCHMARKS / "posteriors.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["posteriors_suite"] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["posteriors_suite"]
+    return load_script("benchmarks/posteriors.py", "posteriors_suite")
 
 
 def assert_moments(draws: torch.Tensor, problem, tolerance: float) -> None:

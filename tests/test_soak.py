@@ -11,11 +11,10 @@ same procedure run in the fast suite so that the code stays working.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from pyro_nf.flows import FLOW_BUILDERS
 
@@ -23,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_guides_benchmark():
-    name = "benchmark_guides"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "guides.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/guides.py", "benchmark_guides")
 
 
 TASKS = ("banana", "funnel", "density")
