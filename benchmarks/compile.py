@@ -25,13 +25,15 @@ def rows_for(family: str, dim: int, batch: int, hidden: int, backend: str) -> li
     data = torch.randn(batch, dim)
 
     def log_prob() -> torch.Tensor:
-        return flow.log_prob(data)
+        # A fresh tensor per call: eager mode would answer a repeated one from the
+        # transforms' pair cache, and time no pass at all.
+        return flow.log_prob(data.clone())
 
     def draw_and_score() -> torch.Tensor:
         return flow.log_prob(flow.rsample((batch,)))
 
     def loss() -> torch.Tensor:
-        return -flow.log_prob(data).mean()
+        return -flow.log_prob(data.clone()).mean()
 
     compiled_log_prob = torch.compile(log_prob, backend=backend)
     compiled_draw_and_score = torch.compile(draw_and_score, backend=backend)
