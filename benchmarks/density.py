@@ -411,19 +411,7 @@ def run_toy(
             budget,
             trainer=trainer,
         )
-        nll, error = nll_and_error(model, test)
-        row = {
-            "data": toy,
-            "model": name,
-            "nll": nll,
-            "se": error,
-            "seconds": seconds,
-            "params": count_parameters(model),
-            "width": width,
-            "finite": finite,
-        }
-        rows.append(row)
-        print(format_row(row), flush=True)
+        rows.append(scored_row(toy, name, model, test, seconds, width, finite))
         if grid is not None:
             extent = 8.0 if toy == "student_t" else 5.0
             grid[(toy, name)] = density_grid(model, extent, grid_size)
@@ -458,23 +446,38 @@ def run_tabular(
         seconds, finite = train(
             model, next_batch, budget, validation, trainer, data_size=train_data.shape[0]
         )
-        nll, error = nll_and_error(model, test)
-        row = {
-            "data": f"{name} ({dim}-d)",
-            "model": model_name,
-            "nll": nll,
-            "se": error,
-            "seconds": seconds,
-            "params": count_parameters(model),
-            "width": width,
-            "finite": finite,
-        }
-        rows.append(row)
-        print(format_row(row), flush=True)
+        rows.append(
+            scored_row(f"{name} ({dim}-d)", model_name, model, test, seconds, width, finite)
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+def scored_row(
+    data: str,
+    model_name: str,
+    model: DensityModel,
+    test: Tensor,
+    seconds: float,
+    width: int,
+    finite: bool,
+) -> dict:
+    """One result row: the held-out NLL and its standard error, printed as it is made."""
+    nll, error = nll_and_error(model, test)
+    row = {
+        "data": data,
+        "model": model_name,
+        "nll": nll,
+        "se": error,
+        "seconds": seconds,
+        "params": count_parameters(model),
+        "width": width,
+        "finite": finite,
+    }
+    print(format_row(row), flush=True)
+    return row
 
 
 def format_row(row: dict) -> str:
