@@ -82,7 +82,7 @@ class FlowDistribution(dist.TransformedDistribution):
         if value.dtype.is_floating_point:
             finite = torch.isfinite(value)
             if value.dim() > 0:
-                finite = finite.flatten(max(value.dim() - 1, 0)).all(-1)
+                finite = finite.all(-1)  # one flag per row of the (..., D) value
             if not bool(finite.all()):
                 rows = (~finite).nonzero().tolist()
                 raise ValueError(

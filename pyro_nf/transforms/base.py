@@ -253,11 +253,9 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype of the first floating parameter or buffer (``None`` if there is none)."""
-        for module in self._module_tree():
-            for tensors in (module._parameters, module._buffers):
-                for tensor in tensors.values():
-                    if tensor is not None and tensor.dtype.is_floating_point:
-                        return tensor.dtype
+        for tensor in self._state_tensors():
+            if tensor.dtype.is_floating_point:
+                return tensor.dtype
         return None
 
     def check_input(self, value: Tensor, name: str = "input") -> None:
@@ -299,36 +297,35 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
                     f"of the {name} {tuple(value.shape[:-1])}"
                 ) from None
 
-    def _module_tree(self) -> tuple[torch.nn.Module, ...]:
-        """``tuple(self.modules())``, kept until any module's tree changes."""
-        # Walking the module tree is the expensive part of ``parameters()``; the tree
-        # rarely changes after construction, the tensors in it are read every time.
-        if _is_compiling():
-            return tuple(_walk_modules(self))  # a trace runs once: no memo to keep
-        return self._memo()[1]
+    def _state_tensors(self) -> tuple[Tensor, ...]:
+        """Every parameter and buffer of the transform's module tree, kept until it changes.
 
-    def _memo(self) -> tuple[int, tuple[torch.nn.Module, ...], tuple[Tensor, ...]]:
-        """``(generation, modules, their parameters and buffers)``, rebuilt on a change."""
-        memo = self.__dict__.get("_state_modules")
-        if memo is None or memo[0] != _module_tree_generation:
-            modules = tuple(_walk_modules(self))
+        Walking the module tree is the expensive part of ``parameters()``; the tree
+        rarely changes after construction, and a new or replaced submodule, parameter or
+        buffer inside it bumps the generation (registration hooks), so the flat tuple
+        stays right until the next rebuild. Under torch.compile a trace runs once and
+        keeps no memo.
+        """
+        memo = None if _is_compiling() else self.__dict__.get("_state_modules")
+        if memo is not None and memo[0] == _module_tree_generation:
+            return memo[1]
+        modules = _walk_modules(self)
+        tensors = tuple(
+            tensor
+            for module in modules
+            for tensors in (module._parameters, module._buffers)
+            for tensor in tensors.values()
+            if tensor is not None
+        )
+        if not _is_compiling():
             for module in modules:
                 module.__dict__[_TREE_MEMBER] = True
-            # A replaced parameter or buffer bumps the generation (registration hooks),
-            # so the flat list of tensors stays right until the next rebuild.
-            tensors = tuple(
-                tensor
-                for module in modules
-                for tensors in (module._parameters, module._buffers)
-                for tensor in tensors.values()
-                if tensor is not None
-            )
-            memo = self.__dict__["_state_modules"] = (_module_tree_generation, modules, tensors)
-        return memo
+            self.__dict__["_state_modules"] = (_module_tree_generation, tensors)
+        return tensors
 
     def state_versions(self) -> tuple:
         """Version counters of all parameters and buffers: part of every cache stamp."""
-        tensors = self._memo()[2]
+        tensors = self._state_tensors()
         try:
             return tuple([tensor._version for tensor in tensors])
         except RuntimeError:  # an inference tensor has no version counter

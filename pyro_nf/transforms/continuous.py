@@ -332,10 +332,9 @@ class ContinuousFlow(FlowTransform):
         value, context = broadcast_context(value, context)
         batch_shape = value.shape[:-1]
         if value.numel() == 0:
-            self._regularization = None
-            if self.regularize:
-                self._regularization = {name: value.new_zeros(batch_shape) for name in REGULARIZERS}
-            return value.clone(), value.new_zeros(batch_shape)
+            zeros = value.new_zeros(batch_shape)
+            self._regularization = dict.fromkeys(REGULARIZERS, zeros) if self.regularize else None
+            return value.clone(), zeros
         if _is_compiling():
             # Under torch.compile a data-dependent branch would break the graph: every
             # row goes to the solver, as written by the caller.
