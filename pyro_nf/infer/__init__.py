@@ -10,7 +10,8 @@ Example:
 """
 
 from pyro_nf.infer import targets
-from pyro_nf.infer.autoguide import FLOW_FAMILIES, AmortizedFlowGuide, AutoFlow
+from pyro_nf.infer.amortized import AmortizedFlowGuide
+from pyro_nf.infer.autoguide import FLOW_FAMILIES, AutoFlow
 from pyro_nf.infer.data import ArrayDataset, NpyBatches
 from pyro_nf.infer.diagnostics import (
     PSISResult,
