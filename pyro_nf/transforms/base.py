@@ -66,12 +66,13 @@ def _walk_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def _is_compiling() -> bool:
-    """True while torch.compile (dynamo) traces the caller."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
+def _dynamo_is_compiling() -> bool:
     return torch._dynamo.is_compiling()
+
+
+#: True while torch.compile (dynamo) traces the caller. Bound once: it is asked several
+#: times per layer and pass, and a wrapper around it cost more than the question.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _dynamo_is_compiling)
 
 
 def _version_of(tensor: Tensor) -> int | None:
@@ -144,27 +145,31 @@ class PairCache:
         if torch.is_grad_enabled():
             self._forget_on_backward((z, x, log_det))
 
-    def _valid_entry(self, state: tuple) -> tuple[Tensor, Tensor, Tensor] | None:
-        if self._entry is None:
+    def _entry_holds(self, index: int, value: Tensor, state: tuple) -> tuple | None:
+        """The entry, if ``value`` is its tensor at ``index`` (0: z, 1: x) and it is current.
+
+        The identity test comes first: most lookups are for a tensor the cache has
+        never seen (a fresh draw), and they need no stamp.
+        """
+        entry = self._entry
+        if entry is None or entry[index] is not value:
             return None
-        z, x, log_det, stamp = self._entry
+        z, x, _, stamp = entry
         if stamp != self._stamp(z, x, state) or None in stamp[:2]:
             return None
-        return z, x, log_det
+        return entry
 
     def lookup_forward(self, z: Tensor, state: tuple) -> Tensor | None:
-        entry = self._valid_entry(state)
-        return entry[1] if entry is not None and entry[0] is z else None
+        entry = self._entry_holds(0, z, state)
+        return None if entry is None else entry[1]
 
     def lookup_inverse(self, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self._valid_entry(state)
-        return entry[0] if entry is not None and entry[1] is x else None
+        entry = self._entry_holds(1, x, state)
+        return None if entry is None else entry[0]
 
     def lookup_log_det(self, z: Tensor, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self._valid_entry(state)
-        if entry is not None and entry[0] is z and entry[1] is x:
-            return entry[2]
-        return None
+        entry = self._entry_holds(0, z, state)
+        return entry[2] if entry is not None and entry[1] is x else None
 
 
 class PairCacheMixin:
@@ -342,25 +347,29 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
 
     # ----------------------------------------------------------------- cached passes
     def _cached_forward(self, z: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
-        self._check(z, context, "input z")
         if self._cache_size == 0 or _is_compiling():
+            self._check(z, context, "input z")
             return self.forward_and_log_det(z, context)[0]
         state = self._cache_state(context)
         x = cache.lookup_forward(z, state)
-        if x is None:
-            x, log_det = self.forward_and_log_det(z, context)
-            cache.store(z, x, log_det, self._state_after_pass(state, context))
+        if x is not None:
+            return x  # a cached z was checked (or computed) when its pair was stored
+        self._check(z, context, "input z")
+        x, log_det = self.forward_and_log_det(z, context)
+        cache.store(z, x, log_det, self._state_after_pass(state, context))
         return x
 
     def _cached_inverse(self, x: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
-        self._check(x, context, "input x")
         if self._cache_size == 0 or _is_compiling():
+            self._check(x, context, "input x")
             return self.inverse_and_log_det(x, context)[0]
         state = self._cache_state(context)
         z = cache.lookup_inverse(x, state)
-        if z is None:
-            z, log_det = self.inverse_and_log_det(x, context)
-            cache.store(z, x, log_det, self._state_after_pass(state, context))
+        if z is not None:
+            return z  # a cached x was checked (or computed) when its pair was stored
+        self._check(x, context, "input x")
+        z, log_det = self.inverse_and_log_det(x, context)
+        cache.store(z, x, log_det, self._state_after_pass(state, context))
         return z
 
     def _cached_log_det(
