@@ -33,6 +33,22 @@ def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def time_alternating(
+    columns: dict[str, Callable[[], object]], rounds: int, min_run_time: float
+) -> dict[str, list[float]]:
+    """Median seconds of every column in each of ``rounds`` rounds.
+
+    Each round times every column once, in turn, so load that comes and goes lands
+    on all columns alike; the spread of a ratio over the rounds shows how much it
+    moved.
+    """
+    times: dict[str, list[float]] = {name: [] for name in columns}
+    for _ in range(rounds):
+        for name, fn in columns.items():
+            times[name].append(median_seconds(fn, min_run_time))
+    return times
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -40,7 +40,7 @@ import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
 import zuko
-from common import common_arguments, median_seconds, parse_arguments, synchronized
+from common import common_arguments, parse_arguments, time_alternating
 from pyro.nn import AutoRegressiveNN
 from torch import Tensor, nn
 
@@ -280,20 +280,17 @@ def rows_for(family: str, dim: int, batch: int, hidden: list[int]) -> dict[str, 
 
 # ----------------------------------------------------------------------------- timing
 def time_row(columns: dict[str, Callable], rounds: int, min_run_time: float) -> dict:
-    """Medians per column, each round timing every column once; the fastest round is kept."""
-    device = torch.device("cpu")
-    timed = {name: synchronized(fn, device) for name, fn in columns.items()}
-    per_round: list[dict[str, float]] = []
-    for _ in range(rounds):
-        per_round.append({name: median_seconds(fn, min_run_time) for name, fn in timed.items()})
-    best = {name: min(r[name] for r in per_round) for name in columns}
+    """Medians per column (the fastest round) and the ratios with their range over rounds."""
+    times = time_alternating(columns, rounds, min_run_time)
+    best = {name: min(seconds) for name, seconds in times.items()}
     peers = [name for name in columns if name not in ("limit", "pyro-nf")]
 
-    def ratios(times: dict[str, float]) -> tuple[float, float]:
-        return times["pyro-nf"] / times["limit"], times["pyro-nf"] / min(times[p] for p in peers)
+    def ratios(k: int | None) -> tuple[float, float]:
+        at = best if k is None else {name: seconds[k] for name, seconds in times.items()}
+        return at["pyro-nf"] / at["limit"], at["pyro-nf"] / min(at[p] for p in peers)
 
-    round_ratios = [ratios(r) for r in per_round]
-    to_limit, to_peer = ratios(best)
+    round_ratios = [ratios(k) for k in range(rounds)]
+    to_limit, to_peer = ratios(None)
     return {
         "ms": {name: 1e3 * seconds for name, seconds in best.items()},
         "x_limit": to_limit,
