@@ -1,4 +1,4 @@
-"""Inference with flows: autoguides, amortized guides, diagnostics and a fit helper.
+"""Inference with flows: autoguides, amortized guides, diagnostics and fit helpers.
 
 Example:
     >>> import pyro.distributions as dist
@@ -11,7 +11,7 @@ Example:
 
 from pyro_nf.infer import targets
 from pyro_nf.infer.amortized import AmortizedFlowGuide
-from pyro_nf.infer.autoguide import FLOW_FAMILIES, AutoFlow
+from pyro_nf.infer.autoguide import FLOW_FAMILIES, AutoFlow, PathDerivativeDistribution
 from pyro_nf.infer.data import ArrayDataset, NpyBatches
 from pyro_nf.infer.diagnostics import (
     PSISResult,
@@ -19,10 +19,12 @@ from pyro_nf.infer.diagnostics import (
     psis_diagnostic,
     to_inference_data,
 )
+from pyro_nf.infer.guide_training import GUIDE_BUDGETS, fit_guide
 from pyro_nf.infer.training import FitHistory, NonFiniteLossError, fit
 
 __all__ = [
     "FLOW_FAMILIES",
+    "GUIDE_BUDGETS",
     "AmortizedFlowGuide",
     "ArrayDataset",
     "AutoFlow",
@@ -30,7 +32,9 @@ __all__ = [
     "NonFiniteLossError",
     "NpyBatches",
     "PSISResult",
+    "PathDerivativeDistribution",
     "fit",
+    "fit_guide",
     "importance_draws",
     "psis_diagnostic",
     "targets",

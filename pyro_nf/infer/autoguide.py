@@ -37,7 +37,17 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
 from pyro_nf.flows import FLOW_BUILDERS, Flow, flow_builder
 
-__all__ = ["AutoFlow", "FLOW_FAMILIES"]
+__all__ = ["AutoFlow", "FLOW_FAMILIES", "GUIDE_BASES", "GUIDE_GRADIENTS", "guide_flow_defaults"]
+
+#: The base distributions ``AutoFlow(model, base=...)`` accepts.
+GUIDE_BASES: tuple[str, ...] = ("normal", "student_t")
+
+#: The gradient estimators ``AutoFlow(model, gradient=...)`` accepts.
+GUIDE_GRADIENTS: tuple[str, ...] = ("total", "path")
+
+#: The initial degrees of freedom of a ``base="student_t"`` guide: tails a little
+#: heavier than the normal's, which training can make heavier (or lighter).
+STUDENT_T_INIT_DF = 10.0
 
 #: The family names ``AutoFlow(model, flow=name)`` accepts: the keys of
 #: :data:`pyro_nf.flows.FLOW_BUILDERS` (kept as a public alias of that registry).
@@ -147,8 +157,17 @@ class AutoFlow(AutoContinuous):
         flow: str | Callable[[int], Transform | Flow] = "iaf",
         init_loc_fn: Callable[[dict], Tensor] = init_to_median,
         init_scale: float = 1.0,
+        *,
+        base: str = "normal",
+        gradient: str = "total",
         **flow_kwargs: Any,
     ) -> None:
+        if base not in GUIDE_BASES:
+            raise ValueError(f"base must be one of {GUIDE_BASES}, got {base!r}")
+        if gradient not in GUIDE_GRADIENTS:
+            raise ValueError(f"gradient must be one of {GUIDE_GRADIENTS}, got {gradient!r}")
+        self._base = base
+        self._gradient = gradient
         if isinstance(flow, str):
             try:
                 inspect.signature(flow_builder(flow)).bind(dim=1, **flow_kwargs)
@@ -216,6 +235,11 @@ class AutoFlow(AutoContinuous):
         self.flow = built
         self.loc = nn.Parameter(init_loc)
         self.scale = PyroParam(torch.full_like(init_loc, self._init_scale), self.scale_constraint)
+        if self._base == "student_t":
+            _check_stored_shapes({_param_name(self, "base_df"): shape})
+            self.base_df = PyroParam(
+                torch.full_like(init_loc, STUDENT_T_INIT_DF), constraints.greater_than(1.0)
+            )
 
     def _flow_layers(self) -> list[Transform]:
         flow = self.flow
@@ -226,9 +250,17 @@ class AutoFlow(AutoContinuous):
         return [flow]
 
     def get_base_dist(self) -> dist.Distribution:
-        """The standard normal base ``N(0, I_D)`` on the guide's device and dtype."""
+        """The base of ``u``: ``N(0, I_D)``, or independent ``StudentT(nu_d, 0, 1)`` for
+        ``base="student_t"``, on the guide's device and dtype."""
+        return self._base_dist(detach=False)
+
+    def _base_dist(self, detach: bool) -> dist.Distribution:
         loc = self.loc
-        return dist.Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+        zeros, ones = torch.zeros_like(loc).detach(), torch.ones_like(loc).detach()
+        if self._base == "student_t":
+            df = self.base_df.detach() if detach else self.base_df
+            return dist.StudentT(df, zeros, ones).to_event(1)
+        return dist.Normal(zeros, ones).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
         """The map from the base ``u`` to the unconstrained latent (flow, then affine)."""
@@ -238,7 +270,33 @@ class AutoFlow(AutoContinuous):
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The posterior over the unconstrained latent vector, a ``TransformedDistribution``."""
         transform = self.get_transform(*args, **kwargs)
+        if self._gradient == "path":
+            return PathDerivativeDistribution(
+                self.get_base_dist(), transform.parts, self._detached_log_prob
+            )
         return dist.TransformedDistribution(self.get_base_dist(), transform.parts)
+
+    def _detached_log_prob(self, x: Tensor) -> Tensor:
+        """``log q(x)`` computed with every guide parameter detached (x -> u, no cache).
+
+        The value equals the guide's ``log_prob``; its gradient reaches the parameters
+        only through ``x``: the path derivative. Scoring runs the flow's inverse, one
+        pass per layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per
+        layer for ``"iaf"``, an ODE solve for ``"cnf"``.
+        """
+        affine = AffineTransform(self.loc.detach(), self.scale.detach(), event_dim=1)
+        base = self._base_dist(detach=True)
+        # A fresh tensor: the layers' caches would answer ``x`` with the ``u`` of the
+        # draw, whose graph reaches the live parameters.
+        fresh = x.clone()
+        flow = self.flow
+        if not isinstance(flow, nn.Module):
+            return dist.TransformedDistribution(base, [*self._flow_layers(), affine]).log_prob(
+                fresh
+            )
+        scorer = _DetachedScorer(flow, self._flow_layers)
+        detached = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
+        return torch.func.functional_call(scorer, detached, (fresh, base, affine), strict=False)
 
     @torch.no_grad()
     def quantiles(
@@ -305,6 +363,71 @@ class AutoFlow(AutoContinuous):
             True
         """
         return {name: value[0] for name, value in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+class PathDerivativeDistribution(dist.TransformedDistribution):
+    r"""A flow posterior whose ``log_prob`` carries the path derivative only.
+
+    ``rsample`` is the flow's reparametrized draw :math:`x = T_\phi(u)`, and
+    ``log_prob(x)`` has the value :math:`\log q_\phi(x)` but is computed by
+    ``score`` with :math:`\phi` detached (:math:`\log q_{\bar\phi}(x)`). The
+    ELBO's gradient then keeps the path term
+    :math:`\nabla_x [\log p(x) - \log q_{\bar\phi}(x)]\,\partial_\phi x` and drops
+    the score term :math:`\partial_\phi \log q_\phi(x)`, whose expectation under
+    ``q`` is zero (so the estimator stays unbiased) and which is pure noise when
+    ``q = p``: "sticking the landing" (Roeder et al., 2017, arXiv:1703.09194).
+
+    Shapes: as :class:`~pyro.distributions.TransformedDistribution`.
+
+    Arguments:
+        base_distribution: the base of ``u``.
+        transforms: the transforms from ``u`` to ``x``.
+        score: ``x -> log q(x)`` with the parameters detached.
+
+    Example:
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> affine = AffineTransform(torch.ones(2), torch.full((2,), 2.0, requires_grad=True))
+        >>> detached = dist.TransformedDistribution(
+        ...     base, [AffineTransform(torch.ones(2), torch.full((2,), 2.0))]
+        ... )
+        >>> q = PathDerivativeDistribution(base, [affine], detached.log_prob)
+        >>> x = q.rsample((3,))
+        >>> bool(torch.allclose(q.log_prob(x), detached.log_prob(x)))
+        True
+    """
+
+    def __init__(
+        self,
+        base_distribution: dist.Distribution,
+        transforms: Sequence[Transform],
+        score: Callable[[Tensor], Tensor],
+        validate_args: bool | None = None,
+    ) -> None:
+        self._score = score
+        super().__init__(base_distribution, list(transforms), validate_args=validate_args)
+
+    def expand(
+        self, batch_shape: torch.Size | Sequence[int], _instance: Any = None
+    ) -> PathDerivativeDistribution:
+        new = self._get_checked_instance(PathDerivativeDistribution, _instance)
+        new._score = self._score
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        log_q = self._score(value)
+        return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
+
+
+class _DetachedScorer(nn.Module):
+    """Wraps a flow so that ``torch.func.functional_call`` can run it on detached parameters."""
+
+    def __init__(self, flow: nn.Module, layers: Callable[[], list[Transform]]) -> None:
+        super().__init__()
+        self.flow = flow
+        self._layers = layers
+
+    def forward(self, x: Tensor, base: dist.Distribution, affine: Transform) -> Tensor:
+        return dist.TransformedDistribution(base, [*self._layers(), affine]).log_prob(x)
 
 
 def _param_name(guide: AutoGuide, attribute: str) -> str:

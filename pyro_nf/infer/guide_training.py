@@ -1,0 +1,184 @@
+"""Train a flow guide in one call: :func:`fit_guide`, with a budget preset.
+
+``fit_guide(model, *args, budget="default")`` trains :class:`~pyro_nf.infer.AutoFlow`
+at its defaults with the posterior suite's recipe (``benchmarks/posteriors.py``);
+``budget="high"`` spends more compute on a higher-capacity guide, after the recipe of
+Agrawal and Domke (2024): a real NVP guide, many particles per step, the
+path-derivative gradient and a small fixed Adam step for many steps. Both skip an
+update whose loss or gradient is not finite (the parameters keep their last good
+values) and stop after a run of such updates.
+
+Example:
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    >>> guide = fit_guide(model, steps=5, flow_options={"num_layers": 1, "hidden_dims": (8,)})
+    >>> guide()["z"].shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pyro.distributions as dist  # noqa: F401 (the doctests' namespace)
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyro_nf.infer.autoguide import AutoFlow
+from pyro_nf.infer.training import NonFiniteLossError, optimization_step
+
+__all__ = ["GUIDE_BUDGETS", "fit_guide"]
+
+#: The training presets of :func:`fit_guide` by name. ``flow`` and ``flow_options``
+#: build the :class:`AutoFlow`; ``steps``, ``num_particles``, ``lr`` and ``final_lr``
+#: (Adam, decayed exponentially from ``lr`` to ``final_lr``) and ``gradient`` train it.
+#: ``"default"`` is the posterior suite's budget with ``AutoFlow``'s defaults;
+#: ``"high"`` is the high-compute recipe measured in ``docs/benchmarks/posteriors.md``.
+GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "flow": "iaf",
+        "flow_options": {},
+        "steps": 1000,
+        "num_particles": 8,
+        "lr": 1e-2,
+        "final_lr": 1e-3,
+        "gradient": "total",
+    },
+    "high": {
+        "flow": "realnvp",
+        "flow_options": {"num_layers": 8, "hidden_dims": (128, 128)},
+        "steps": 10_000,
+        "num_particles": 64,
+        "lr": 1e-3,
+        "final_lr": 1e-3,
+        "gradient": "path",
+    },
+}
+
+#: Consecutive refused (non-finite) updates after which :func:`fit_guide` stops.
+MAX_REFUSED_UPDATES = 20
+
+
+def fit_guide(
+    model: Callable[..., Any],
+    *args: Any,
+    budget: str = "default",
+    flow: str | None = None,
+    flow_options: dict[str, Any] | None = None,
+    steps: int | None = None,
+    num_particles: int | None = None,
+    lr: float | None = None,
+    final_lr: float | None = None,
+    gradient: str | None = None,
+    max_plate_nesting: int | None = None,
+    losses: list[float] | None = None,
+    **kwargs: Any,
+) -> AutoFlow:
+    r"""Train an :class:`AutoFlow` guide of ``model`` on the ELBO and return it.
+
+    .. math::
+        \max_\phi\ \mathbb E_{q_\phi(\theta)}[\log p(\theta, y) - \log q_\phi(\theta)]
+
+    estimated with ``num_particles`` vectorized draws per step (``Trace_ELBO``), by
+    Adam whose learning rate decays exponentially from ``lr`` to ``final_lr`` over
+    ``steps``. ``budget`` picks the preset of :data:`GUIDE_BUDGETS`; every other
+    argument given overrides that preset's entry. An update whose loss or gradient is
+    not finite is refused (the parameters keep the values of the last good update, as
+    in :func:`~pyro_nf.infer.fit`); after :data:`MAX_REFUSED_UPDATES` refusals in a row
+    training stops with :class:`~pyro_nf.infer.NonFiniteLossError`, the guide holding
+    its last good parameters (``error.guide``).
+
+    The guide's parameters live in Pyro's param store (clear it first if a guide named
+    ``AutoFlow`` was trained on another model). Draws use Pyro's global random state
+    (``pyro.set_rng_seed`` makes a run reproducible).
+
+    Arguments:
+        model: a Pyro model with continuous latent sites.
+        *args, **kwargs: the model's arguments.
+        budget: ``"default"`` (AutoFlow's defaults, the suite's 1000 steps of 8
+            particles) or ``"high"`` (real NVP with 8 coupling layers of ``(128, 128)``,
+            64 particles, the path-derivative gradient, 10,000 steps at a fixed lr 1e-3).
+        flow, flow_options: the guide's family and builder options (with
+            ``AutoFlow``'s own ``init_scale``, ``base`` and ``init_loc_fn``).
+        steps, num_particles, lr, final_lr: the optimization.
+        gradient: ``"total"`` or ``"path"`` (see :class:`AutoFlow`).
+        max_plate_nesting: the model's plate depth (guessed by Pyro when None).
+        losses: a list that receives the loss (negative ELBO estimate) of every step.
+
+    Returns:
+        the trained guide.
+
+    Raises:
+        ValueError: for an unknown budget or a non-positive step count, particle
+            count or learning rate.
+        NonFiniteLossError: after a run of refused updates.
+
+    References:
+        Disentangling Capacity and Optimization for Flow-Based Variational Inference
+        (Agrawal and Domke, 2024), arXiv:2412.08824. Sticking the Landing (Roeder et
+        al., 2017), arXiv:1703.09194.
+
+    Example:
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.ones(3), 2.0).to_event(1))
+        >>> pyro.clear_param_store()
+        >>> history = []
+        >>> guide = fit_guide(model, steps=20, losses=history,
+        ...                   flow_options={"num_layers": 1, "hidden_dims": (8,)})
+        >>> len(history)
+        20
+    """
+    if budget not in GUIDE_BUDGETS:
+        raise ValueError(f"budget must be one of {tuple(GUIDE_BUDGETS)}, got {budget!r}")
+    preset = GUIDE_BUDGETS[budget]
+    flow = preset["flow"] if flow is None else flow
+    options = dict(preset["flow_options"] if flow_options is None else flow_options)
+    steps = _positive(int, "steps", preset["steps"] if steps is None else steps)
+    num_particles = _positive(
+        int, "num_particles", preset["num_particles"] if num_particles is None else num_particles
+    )
+    lr = _positive(float, "lr", preset["lr"] if lr is None else lr)
+    final_lr = _positive(float, "final_lr", preset["final_lr"] if final_lr is None else final_lr)
+    options.setdefault("gradient", preset["gradient"] if gradient is None else gradient)
+
+    guide = AutoFlow(model, flow=flow, **options)
+    guide(*args, **kwargs)  # builds the parameters
+    elbo = Trace_ELBO(
+        num_particles=num_particles,
+        vectorize_particles=True,
+        max_plate_nesting=math.inf if max_plate_nesting is None else max_plate_nesting,
+    )
+    parameters = [p for p in guide.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, (final_lr / lr) ** (1.0 / steps))
+    refused = 0
+    for step in range(steps):
+        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+        failure = optimization_step(loss, optimizer)
+        if losses is not None:
+            losses.append(float(loss.detach()))
+        refused = refused + 1 if failure is not None else 0
+        if refused >= MAX_REFUSED_UPDATES:
+            error = NonFiniteLossError(
+                f"{refused} updates in a row had a non-finite {failure} (last at step {step}); "
+                "the guide holds the parameters of the last good update",
+                epoch=0,
+                step=step,
+            )
+            error.guide = guide
+            raise error
+        decay.step()
+    return guide
+
+
+def _positive(kind: type, name: str, value: Any) -> Any:
+    """``value`` as ``kind`` if it is a positive finite number, else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return kind(value)
