@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from pyro_nf.flows import FLOW_BUILDERS
-from pyro_nf.infer import AutoFlow, psis_diagnostic
+from pyro_nf.infer import GUIDE_BUDGETS, AutoFlow, NonFiniteLossError, fit_guide, psis_diagnostic
 from pyro_nf.infer import targets as known_targets
 from pyro_nf.transforms import ContinuousFlow
 
@@ -315,6 +315,8 @@ def guide_factories(flow_options: dict[str, Any]) -> dict[str, Callable]:
         factories[f"AutoFlow({family})"] = lambda model, family=family, options=options: AutoFlow(
             model, flow=family, **options
         )
+    for budget in GUIDE_BUDGETS:  # trained by fit_guide at its own budget (see evaluate)
+        factories[f"fit_guide({budget})"] = None
     return factories
 
 
@@ -362,6 +364,21 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     return time.perf_counter() - start, True
 
 
+def train_fit_guide(
+    problem: Problem, budget: str, args: argparse.Namespace
+) -> tuple[AutoFlow, float, bool]:
+    """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
+    gradient); ``--budget-steps`` overrides the preset's steps."""
+    start = time.perf_counter()
+    try:
+        guide = fit_guide(
+            problem.model, budget=budget, steps=args.budget_steps, max_plate_nesting=1
+        )
+    except NonFiniteLossError as error:
+        return error.guide, time.perf_counter() - start, False
+    return guide, time.perf_counter() - start, True
+
+
 def raw_moments(draws: Tensor, weights: Tensor) -> dict[str, list[float]]:
     """Plain and PSIS-weighted means and sds of the draws (lists, for JSON)."""
     draws, w = draws.double(), weights.double()[:, None]
@@ -405,8 +422,13 @@ def evaluate(problem: Problem, guide_name: str, make_guide: Callable, args) -> d
     pyro.set_rng_seed(args.seed)
     row: dict[str, Any] = {"target": problem.name, "guide": guide_name}
     try:
-        guide = make_guide(problem.model)
-        seconds, finite = train(problem, guide, args)
+        if guide_name.startswith("fit_guide("):
+            guide, seconds, finite = train_fit_guide(
+                problem, guide_name[len("fit_guide(") : -1], args
+            )
+        else:
+            guide = make_guide(problem.model)
+            seconds, finite = train(problem, guide, args)
     except (ValueError, RuntimeError) as error:  # a guide that cannot train here
         row.update(status=f"error: {str(error)[:80]}")
         return row
@@ -524,6 +546,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="training objective: elbo (default), iwae, or renyi:ALPHA (Pyro's RenyiELBO)",
     )
     parser.add_argument("--eval-samples", type=int, default=4000)
+    parser.add_argument(
+        "--budget-steps",
+        type=int,
+        default=None,
+        help="steps of the fit_guide(<budget>) guides (default: the preset's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--float64", action="store_true", help="train in double precision")
     parser.add_argument(
@@ -553,6 +581,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     if args.quick:
         args.steps, args.eval_samples = 5, 50
+        args.budget_steps = args.budget_steps or 5
     torch.set_num_threads(args.threads)
     if args.float64:
         torch.set_default_dtype(torch.float64)
@@ -560,7 +589,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         flow_options.setdefault("hidden_dims", (8,))
     factories = guide_factories(flow_options)
-    names = list(factories) if args.guides is None else args.guides.split(",")
+    default_names = [name for name in factories if not name.startswith("fit_guide(")]
+    names = default_names if args.guides is None else args.guides.split(",")
     unknown = [name for name in names if name not in factories]
     if unknown:
         raise ValueError(f"unknown guides {unknown}; expected some of {list(factories)}")
