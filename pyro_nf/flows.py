@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from pyro_nf._validation import check_context, check_input_dtype, integer
+from pyro_nf.nn.made import autoregressive_order
 from pyro_nf.transforms.autoregressive import (
     Autoregressive,
     InverseAutoregressive,
@@ -138,6 +139,10 @@ class FlowDistribution(dist.TransformedDistribution):
             check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
             batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
             return value.new_zeros(batch)
+        if isinstance(value, Tensor):
+            # Before any layer: the first one met may hold no floating-point state (a
+            # permutation) and could not name the dtype the flow computes in.
+            check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
         log_prob = super().log_prob(value)
         if not self._validate_args and value.dtype.is_floating_point:
             # The defined answer for non-finite rows, whatever each layer makes of them:
@@ -460,24 +465,45 @@ def _autoregressive_flow(
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     function = make_coupling_function(coupling_function, **(coupling_kwargs or {}))
     layers: list[Transform] = []
+    # A fixed permutation between two layers is folded into the orders of the layers
+    # after it: with u = v[p], a layer of order pi on u is the layer of order p[pi] on v
+    # (its inputs relabelled) followed by the same permutation, so the stack keeps its
+    # distribution and loses a layer per permutation (a gather, its cache and its
+    # backward on every pass). ``carried`` is the product of the permutations met so
+    # far; one Permutation layer at the end applies it if it is not the identity.
+    carried: Tensor | None = None
     for i, (order_seed, permutation_seed) in enumerate(_layer_seeds(seed, num_layers)):
+        layer_order = autoregressive_order(order, dim, order_seed)
+        if carried is not None:
+            layer_order = carried[layer_order]
         layers.append(
             layer_class(
                 dim,
                 function,
                 hidden_dims=hidden_dims,
                 context_dim=context_dim,
-                order=order,
-                seed=order_seed,
+                order=layer_order,
                 activation=activation,
                 residual=residual,
             )
         )
         last = i == num_layers - 1
         glue = None if last else permutation_layer(permutation, dim, permutation_seed)
-        if glue is not None:
+        if isinstance(glue, Permutation):
+            p = glue.permutation
+            carried = p if carried is None else carried[p]
+        elif glue is not None:
+            _flush_permutation(layers, carried)
+            carried = None
             layers.append(glue)
+    _flush_permutation(layers, carried)
     return Flow(layers, dim, context_dim)
+
+
+def _flush_permutation(layers: list[Transform], carried: Tensor | None) -> None:
+    """Append ``Permutation(carried)`` unless it is the identity (or nothing was carried)."""
+    if carried is not None and not torch.equal(carried, torch.arange(carried.numel())):
+        layers.append(Permutation(carried))
 
 
 def maf(
@@ -511,7 +537,12 @@ def maf(
         coupling_kwargs: keyword arguments of the coupling function (e.g.
             ``{"num_bins": 16, "bound": 5.0, "tails": "linear"}``, the spline's defaults).
         permutation: a glue layer after every layer but the last: ``"reverse"``
-            (default), ``"random"``, ``"lu"`` or ``None``.
+            (default), ``"random"``, ``"lu"`` or ``None``. A fixed permutation
+            (``"reverse"``, ``"random"``) is folded into the autoregressive orders of the
+            layers after it: the same distribution without a layer per permutation (the
+            default stack alternates the natural and the reverse order; one
+            :class:`~pyro_nf.transforms.Permutation` ends the stack when the product of
+            the permutations is not the identity).
         order: the autoregressive order inside each layer: ``"natural"`` (default),
             ``"reverse"``, ``"random"`` (seeded per layer) or an explicit permutation.
         activation: the conditioners' activation.

@@ -10,9 +10,9 @@ from pyro.optim import Adam
 
 import pyro_nf
 from pyro_nf.datasets import train_test_split, two_moons
-from pyro_nf.nn import MADE
+from pyro_nf.nn import MADE, autoregressive_order
 from pyro_nf.testing import perturb_parameters
-from pyro_nf.transforms import InverseAutoregressive, MaskedAutoregressive
+from pyro_nf.transforms import InverseAutoregressive, MaskedAutoregressive, Permutation
 
 LAYERS = {"maf": MaskedAutoregressive, "iaf": InverseAutoregressive}
 BUILDERS = {"maf": pyro_nf.maf, "iaf": pyro_nf.iaf}
@@ -340,13 +340,78 @@ def test_1d_maf_fits_a_shifted_normal():
 # --------------------------------------------------------------------- builders
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_builder_structure(kind):
+    # Reverse permutations between 4 layers are folded into alternating orders; their
+    # product (three reversals) is one reversal, applied by a final Permutation.
     flow = BUILDERS[kind](3, num_layers=4, hidden_dims=(8,), permutation="reverse")
     layers = flow.layers
-    assert len(layers) == 7
-    assert all(isinstance(layer, LAYERS[kind]) for layer in layers[::2])
+    assert len(layers) == 5
+    assert all(isinstance(layer, LAYERS[kind]) for layer in layers[:4])
+    orders = [layer.conditioner.order.tolist() for layer in layers[:4]]
+    assert orders == [[0, 1, 2], [2, 1, 0]] * 2
+    assert layers[4].permutation.tolist() == [2, 1, 0]
+    assert len(BUILDERS[kind](3, num_layers=5, hidden_dims=(8,)).layers) == 5
+    assert len(BUILDERS[kind](3, num_layers=3, hidden_dims=(8,), permutation="lu").layers) == 5
     random_order = BUILDERS[kind](3, num_layers=2, hidden_dims=(8,), order="random", seed=1)
-    orders = [layer.conditioner.order.tolist() for layer in random_order.layers[::2]]
+    orders = [layer.conditioner.order.tolist() for layer in random_order.layers[:2]]
     assert all(sorted(order) == [0, 1, 2] for order in orders)
+
+
+def _unfolded_copy(flow, kind, permutations):
+    """The same flow with a Permutation layer after every autoregressive layer but the last.
+
+    ``permutations`` are the permutations the builder folded. Each layer gets the order
+    and the weights of the folded layer, relabelled back (``u = v[c]``): the folded
+    layer of order ``c[pi]`` on ``v`` is the layer of order ``pi`` on ``u``, with the
+    input columns and output blocks of variable ``c[j]`` moved to ``j``.
+    """
+    layers, carried = [], None
+    folded = [layer for layer in flow.layers if isinstance(layer, LAYERS[kind])]
+    for i, layer in enumerate(folded):
+        made = layer.conditioner
+        c = torch.arange(made.dim) if carried is None else carried
+        order = torch.argsort(c)[made.order]
+        twin = LAYERS[kind](
+            made.dim, layer.coupling_function, hidden_dims=made.hidden_dims, order=order
+        ).double()
+        state = {key: value.clone() for key, value in layer.state_dict().items()}
+        first = "conditioner.layers.0.weight"
+        state[first][:, : made.dim] = state[first][:, c]
+        for key in ("conditioner.output.weight", "conditioner.output.bias"):
+            blocks = state[key].view(made.dim, -1, *state[key].shape[1:])
+            state[key] = blocks[c].reshape(state[key].shape)
+        for key in [k for k in state if k.endswith(("mask", "order", "rank"))]:
+            state[key] = twin.state_dict()[key]
+        twin.load_state_dict(state)
+        layers.append(twin)
+        if i < len(folded) - 1:
+            p = permutations[i]
+            layers.append(Permutation(p))
+            carried = p if carried is None else carried[p]
+    return pyro_nf.Flow(layers, flow.dim).double()
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("permutation", ["reverse", "random"])
+@pytest.mark.parametrize("num_layers", [3, 4])
+def test_folded_permutations_give_the_same_flow(kind, permutation, num_layers):
+    # Exact equality (float64) with the stack that keeps a Permutation layer between
+    # every two layers, its weights relabelled: folding changes the cost, not the flow.
+    torch.manual_seed(0)
+    flow = BUILDERS[kind](
+        4, num_layers=num_layers, hidden_dims=(8,), permutation=permutation, order="random"
+    ).double()
+    perturb_parameters(flow, scale=0.5)
+    seeds = pyro_nf.flows._layer_seeds(0, num_layers)
+    glue = [pyro_nf.flows.permutation_layer(permutation, 4, s) for _, s in seeds[:-1]]
+    unfolded = _unfolded_copy(flow, kind, [g.permutation for g in glue])
+    # ...and the unfolded stack is the one the builder made before folding: each
+    # layer has the order drawn from its seed.
+    unfolded_orders = [layer.conditioner.order.tolist() for layer in unfolded.layers[::2]]
+    assert unfolded_orders == [autoregressive_order("random", 4, s).tolist() for s, _ in seeds]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(x), unfolded.log_prob(x), rtol=1e-12, atol=1e-12)
+    z = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(flow.transform(z), unfolded.transform(z), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
