@@ -24,6 +24,7 @@ from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
+from torch.distributions.utils import _sum_rightmost
 
 from pyro_nf._validation import check_context, check_input_dtype, integer
 from pyro_nf.nn.made import autoregressive_order
@@ -129,6 +130,58 @@ class FlowDistribution(dist.TransformedDistribution):
                     f"{tuple(value.shape)} vs {tuple(expected)}."
                 )
 
+    def _log_prob(self, value: Tensor) -> Tensor:
+        # torch's TransformedDistribution.log_prob, with one call per layer for the
+        # package's transforms (their z and log-det together, from the pair cache when
+        # ``value`` was drawn by the flow): under torch.compile, where the cache is off,
+        # torch's two calls per layer (``inv``, then ``log_abs_det_jacobian``) would
+        # run every conditioner twice.
+        event_dim = len(self.event_shape)
+        log_prob: Tensor | float = 0.0
+        y = value
+        for transform in reversed(self.transforms):
+            if hasattr(transform, "cached_inverse_and_log_det"):
+                x, log_det = transform.cached_inverse_and_log_det(y)
+            else:
+                x = transform.inv(y)
+                log_det = transform.log_abs_det_jacobian(x, y)
+            event_dim += transform.domain.event_dim - transform.codomain.event_dim
+            log_prob = log_prob - _sum_rightmost(log_det, event_dim - transform.domain.event_dim)
+            y = x
+        base_event_dim = len(self.base_dist.event_shape)
+        return log_prob + _sum_rightmost(self.base_dist.log_prob(y), event_dim - base_event_dim)
+
+    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple:
+        """A reparametrized draw ``x`` and its ``log p(x)``, in one pass per layer (z -> x).
+
+        The variational pattern ``x = rsample(); log_prob(x)`` without relying on the
+        pair cache, so it stays one pass per layer under torch.compile (where an IAF's
+        ``log_prob`` of its own draw would otherwise be its sequential inverse).
+
+        Returns:
+            ``x`` of shape ``sample_shape + batch_shape + (D,)`` and ``log p(x)`` of
+            shape ``sample_shape + batch_shape``.
+
+        Example:
+            >>> d = iaf(dim=2, num_layers=2, hidden_dims=(8,))()
+            >>> x, log_p = d.rsample_and_log_prob((5,))
+            >>> torch.allclose(log_p, d.log_prob(x))
+            True
+        """
+        x = self.base_dist.rsample(torch.Size(sample_shape))
+        event_dim = len(self.base_dist.event_shape)
+        log_prob = self.base_dist.log_prob(x)
+        for transform in self.transforms:
+            if hasattr(transform, "cached_forward_and_log_det"):
+                y, log_det = transform.cached_forward_and_log_det(x)
+            else:
+                y = transform(x)
+                log_det = transform.log_abs_det_jacobian(x, y)
+            event_dim += transform.codomain.event_dim - transform.domain.event_dim
+            log_prob = log_prob - _sum_rightmost(log_det, event_dim - transform.codomain.event_dim)
+            x = y
+        return x, log_prob
+
     def log_prob(self, value: Tensor) -> Tensor:
         """``log p(x)`` with shape ``value.shape[:-1]`` (broadcast with the batch shape)."""
         if isinstance(value, Tensor) and value.numel() == 0:
@@ -139,11 +192,13 @@ class FlowDistribution(dist.TransformedDistribution):
             check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
             batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
             return value.new_zeros(batch)
+        if self._validate_args:
+            self._validate_sample(value)
         if isinstance(value, Tensor):
             # Before any layer: the first one met may hold no floating-point state (a
             # permutation) and could not name the dtype the flow computes in.
             check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
-        log_prob = super().log_prob(value)
+        log_prob = self._log_prob(value)
         if not self._validate_args and value.dtype.is_floating_point:
             # The defined answer for non-finite rows, whatever each layer makes of them:
             # NaN where the row holds a NaN, -inf (zero density) where it holds +-inf.
@@ -235,6 +290,15 @@ class Flow(nn.Module):
     ) -> Tensor:
         """Reparametrized draws, differentiable with respect to the parameters (z -> x)."""
         return self(context).rsample(torch.Size(sample_shape))
+
+    def rsample_and_log_prob(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Reparametrized draws and their log-density in one pass per layer (z -> x).
+
+        See :meth:`FlowDistribution.rsample_and_log_prob`; the form to compile.
+        """
+        return self(context).rsample_and_log_prob(torch.Size(sample_shape))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"

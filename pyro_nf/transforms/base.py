@@ -145,11 +145,12 @@ class PairCache:
         if torch.is_grad_enabled():
             self._forget_on_backward((z, x, log_det))
 
-    def _entry_holds(self, index: int, value: Tensor, state: tuple) -> tuple | None:
-        """The entry, if ``value`` is its tensor at ``index`` (0: z, 1: x) and it is current.
+    def entry_for(self, index: int, value: Tensor, state: tuple) -> tuple | None:
+        """The entry ``(z, x, log_det, stamp)`` if ``value`` is its z (``index`` 0) or x (1).
 
-        The identity test comes first: most lookups are for a tensor the cache has
-        never seen (a fresh draw), and they need no stamp.
+        ``None`` unless the entry is current for ``state``. The identity test comes
+        first: most lookups are for a tensor the cache has never seen (a fresh draw),
+        and they need no stamp.
         """
         entry = self._entry
         if entry is None or entry[index] is not value:
@@ -160,15 +161,15 @@ class PairCache:
         return entry
 
     def lookup_forward(self, z: Tensor, state: tuple) -> Tensor | None:
-        entry = self._entry_holds(0, z, state)
+        entry = self.entry_for(0, z, state)
         return None if entry is None else entry[1]
 
     def lookup_inverse(self, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self._entry_holds(1, x, state)
+        entry = self.entry_for(1, x, state)
         return None if entry is None else entry[0]
 
     def lookup_log_det(self, z: Tensor, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self._entry_holds(0, z, state)
+        entry = self.entry_for(0, z, state)
         return entry[2] if entry is not None and entry[1] is x else None
 
 
@@ -346,31 +347,28 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         return self._cache_state(context) if self.initializes_from_data else state_before
 
     # ----------------------------------------------------------------- cached passes
-    def _cached_forward(self, z: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
-        if self._cache_size == 0 or _is_compiling():
-            self._check(z, context, "input z")
-            return self.forward_and_log_det(z, context)[0]
-        state = self._cache_state(context)
-        x = cache.lookup_forward(z, state)
-        if x is not None:
-            return x  # a cached z was checked (or computed) when its pair was stored
-        self._check(z, context, "input z")
-        x, log_det = self.forward_and_log_det(z, context)
-        cache.store(z, x, log_det, self._state_after_pass(state, context))
-        return x
+    def _cached_pass(
+        self, value: Tensor, context: Tensor | None, cache: PairCache, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """One pass z -> x (x -> z with ``inverse``) and its log-det, from the cache if it can.
 
-    def _cached_inverse(self, x: Tensor, context: Tensor | None, cache: PairCache) -> Tensor:
+        A hit needs no input check: a cached tensor was checked (or computed) when its
+        pair was stored.
+        """
+        run = self.inverse_and_log_det if inverse else self.forward_and_log_det
+        name = "input x" if inverse else "input z"
         if self._cache_size == 0 or _is_compiling():
-            self._check(x, context, "input x")
-            return self.inverse_and_log_det(x, context)[0]
+            self._check(value, context, name)
+            return run(value, context)
         state = self._cache_state(context)
-        z = cache.lookup_inverse(x, state)
-        if z is not None:
-            return z  # a cached x was checked (or computed) when its pair was stored
-        self._check(x, context, "input x")
-        z, log_det = self.inverse_and_log_det(x, context)
+        entry = cache.entry_for(int(inverse), value, state)
+        if entry is not None:
+            return entry[1 - int(inverse)], entry[2]
+        self._check(value, context, name)
+        output, log_det = run(value, context)
+        z, x = (output, value) if inverse else (value, output)
         cache.store(z, x, log_det, self._state_after_pass(state, context))
-        return z
+        return output, log_det
 
     def _cached_log_det(
         self, z: Tensor, x: Tensor, context: Tensor | None, cache: PairCache
@@ -387,10 +385,23 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
 
     # ----------------------------------------------------------------- Transform API
     def __call__(self, z: Tensor) -> Tensor:
-        return self._cached_forward(z, None, self._pair_cache)
+        return self._cached_pass(z, None, self._pair_cache, inverse=False)[0]
 
     def _inv_call(self, x: Tensor) -> Tensor:
-        return self._cached_inverse(x, None, self._pair_cache)
+        return self._cached_pass(x, None, self._pair_cache, inverse=True)[0]
+
+    def cached_forward_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log |det dx/dz|)`` of ``t(z)`` in one call, through the pair cache.
+
+        What ``x = t(z)`` followed by ``t.log_abs_det_jacobian(z, x)`` gives, in one
+        call (and under torch.compile, where the cache is off, in one pass instead of
+        two).
+        """
+        return self._cached_pass(z, None, self._pair_cache, inverse=False)
+
+    def cached_inverse_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, log |det dx/dz|)`` of ``t.inv(x)`` in one call, through the pair cache."""
+        return self._cached_pass(x, None, self._pair_cache, inverse=True)
 
     def _call(self, z: Tensor) -> Tensor:
         self._check(z, None, "input z")
@@ -469,10 +480,18 @@ class ConditionedTransform(PairCacheMixin, Transform):
         self._pair_cache = PairCache()
 
     def __call__(self, z: Tensor) -> Tensor:
-        return self.transform._cached_forward(z, self.context, self._pair_cache)
+        return self.transform._cached_pass(z, self.context, self._pair_cache, inverse=False)[0]
 
     def _inv_call(self, x: Tensor) -> Tensor:
-        return self.transform._cached_inverse(x, self.context, self._pair_cache)
+        return self.transform._cached_pass(x, self.context, self._pair_cache, inverse=True)[0]
+
+    def cached_forward_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, log |det dx/dz|)`` for the bound context, through the pair cache."""
+        return self.transform._cached_pass(z, self.context, self._pair_cache, inverse=False)
+
+    def cached_inverse_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, log |det dx/dz|)`` for the bound context, through the pair cache."""
+        return self.transform._cached_pass(x, self.context, self._pair_cache, inverse=True)
 
     def _call(self, z: Tensor) -> Tensor:
         return self.transform.forward_and_log_det(z, self.context)[0]
