@@ -1,0 +1,68 @@
+"""Smoke tests of the speed benchmarks' ``--quick`` modes: every row and column runs.
+
+The figures themselves are never asserted (a shared machine cannot time reliably);
+these tests check that each benchmark still builds every column and reports a ratio
+for every row, so the commands in docs/benchmarks/performance.md keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+from scripts import ROOT, load_script
+
+pytest.importorskip("zuko")
+
+
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def run_quick(monkeypatch, module, arguments):
+    monkeypatch.setattr(sys, "argv", [module.__file__, "--quick", *arguments])
+    module.main()
+
+
+def test_limit_quick_mode_reports_every_row_against_the_limit_and_both_peers(
+    benchmarks_on_path, monkeypatch, tmp_path
+):
+    limit = load_script("benchmarks/limit.py", "benchmark_limit")
+    output = tmp_path / "limit.json"
+    run_quick(monkeypatch, limit, ["--rounds", "2", "--output", str(output)])
+    results = json.loads(output.read_text())
+    expected = {
+        f"{family} {row} D=4"
+        for family, rows in {
+            "realnvp": ("log_prob", "sample", "train step"),
+            "maf": ("log_prob", "sample", "train step"),
+            "iaf": ("rsample+log_prob", "train step"),
+        }.items()
+        for row in rows
+    }
+    assert set(results) == expected
+    for label, row in results.items():
+        assert set(row["ms"]) == {"limit", "pyro-nf", "pyro", "zuko"}, label
+        assert all(math.isfinite(ms) and ms > 0 for ms in row["ms"].values()), label
+        low, high = row["x_limit_range"]
+        assert 0 < low <= high, label
+        assert row["best_peer"] in ("pyro", "zuko")
+
+
+def test_svi_steps_quick_mode_times_autoflow_beside_pyros_guides(
+    benchmarks_on_path, monkeypatch, tmp_path
+):
+    svi_steps = load_script("benchmarks/svi_steps.py", "benchmark_svi_steps")
+    output = tmp_path / "svi.json"
+    run_quick(monkeypatch, svi_steps, ["--rounds", "1", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert set(results) == {f"{family} D={dim}" for family in ("iaf", "realnvp") for dim in (2, 3)}
+    for label, row in results.items():
+        ours = [name for name in row["ms"] if name.startswith("AutoFlow")]
+        assert ours and set(row["ratios"]) == set(ours), label
+        for ratio in row["ratios"].values():
+            assert ratio["fastest_pyro"] in row["ms"] and ratio["fastest_pyro"] not in ours
+            assert math.isfinite(ratio["x_fastest_pyro"]) and ratio["x_fastest_pyro"] > 0
