@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -55,19 +55,6 @@ def family_builder(family: str) -> Callable[..., pyro_nf.Flow]:
             f"unknown flow family {family!r}; expected one of {sorted(FAMILY_BUILDERS)}"
         )
     return flow_builder(FAMILY_BUILDERS[family])
-
-
-def available_families(families: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``(families, [])`` after checking every name: all known families are built.
-
-    Kept only while ``vae.py`` and ``density_estimation.py`` still call it (they
-    reported families missing from older copies of the package); remove it with those
-    calls.
-    """
-    families = list(families)
-    for family in families:
-        family_builder(family)
-    return families, []
 
 
 def build_flow(

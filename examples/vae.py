@@ -58,9 +58,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    available_families,
     base_parser,
     build_flow,
+    family_builder,
     format_table,
     output_directory,
     progress_enabled,
@@ -498,13 +498,9 @@ def main(argv: list[str] | None = None) -> dict:
     needed = [p for p in args.posterior if p != "diag"] + (
         [args.prior] if args.prior != "normal" else []
     )
-    _, missing = available_families(needed)
-    for family in missing:
-        print(f"[vae] flow family {family!r} is not available in this pyro_nf: skipped")
-    if args.prior in missing:
-        print(f"[vae] prior {args.prior!r} unavailable: using the normal prior")
-        args.prior = "normal"
-    posteriors = [p for p in args.posterior if p not in missing]
+    for family in needed:
+        family_builder(family)  # an unknown name fails here, before any data is read
+    posteriors = list(args.posterior)
 
     train_data, test_data, shape = load_data(args)
     num_train = train_data.stop if isinstance(train_data, NpyBatches) else len(train_data)
@@ -571,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rows:
         print(f"\n[vae] test set ({len(test_data)} images), nats per image:")
         print(format_table(rows, columns))
-    results = {"rows": rows, "unavailable": missing, "args": vars(args)}
+    results = {"rows": rows, "args": vars(args)}
     write_json(directory / "results.json", results)
     return {**results, "files": [str(f) for f in files], "output_dir": str(directory)}
 

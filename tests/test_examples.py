@@ -51,8 +51,7 @@ def test_vae_quick_every_posterior(tmp_path):
     posteriors = ["diag", "iaf", "maf", "realnvp", "cnf"]
     result = run_quick("vae", tmp_path, "--posterior", *posteriors)
     trained = [row["posterior"] for row in result["rows"]]
-    assert trained == [p for p in posteriors if p not in result["unavailable"]]
-    assert "diag" in trained and "realnvp" in trained
+    assert trained == posteriors
     assert all(math.isfinite(v) for v in numbers(result["rows"]))
     for row in result["rows"]:
         assert row["reload ELBO"] == pytest.approx(row["test ELBO"], rel=1e-5)
