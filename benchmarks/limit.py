@@ -20,12 +20,12 @@ Architectures: real NVP 8 coupling layers, MAF/IAF 5 layers, every conditioner t
 hidden layers of 256 (ReLU), affine coupling, float32, batch 4096, D = 16 and 64.
 Every call gets a fresh input tensor (a clone), so no library answers from a cache.
 
-The table gives medians (ms), ``x limit`` (pyro-nf / limit), ``x best peer``
-(pyro-nf / the faster of Pyro and zuko) and, for both ratios, their range over the
-rounds: each round times every column once, so the range shows how much the
-machine's load moved a ratio. Each column keeps the fastest of its rounds.
+The table gives the fastest call of each column (ms; load from other processes only
+ever adds time), ``x limit`` (pyro-nf / limit), ``x best peer`` (pyro-nf / the faster
+of Pyro and zuko) and, for both ratios, their range over the rounds: each round times
+every column in turn, so the range shows how much the machine's load moved a ratio.
 
-    python benchmarks/limit.py --threads 1 --rounds 5        # the table of the docs
+    python benchmarks/limit.py --threads 1 --rounds 10 --min-run-time 0.3   # the docs' table
     python benchmarks/limit.py --quick                       # a smoke test
     python benchmarks/limit.py --families maf --dims 16 --markdown
 """
@@ -36,12 +36,13 @@ import json
 from collections.abc import Callable
 
 import pyro.distributions as dist
-import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
 import zuko
+from autoregressive import modules_of
+from autoregressive import pyro_layers as pyro_autoregressive_layers
 from common import common_arguments, parse_arguments, time_alternating
-from pyro.nn import AutoRegressiveNN
+from coupling import pyro_realnvp as pyro_coupling_layers
 from torch import Tensor, nn
 
 import pyro_nf
@@ -113,35 +114,6 @@ def incremental_limit(made: pyro_nf.nn.MADE, num_layers: int, batch: int) -> Cal
 
 
 # ----------------------------------------------------------------------------- peers
-def pyro_coupling_layers(dim: int, num_layers: int, hidden: list[int]) -> list:
-    layers = []
-    for i in range(num_layers):
-        layers.append(T.affine_coupling(dim, hidden_dims=hidden))
-        if i < num_layers - 1:
-            layers.append(T.Permute(torch.arange(dim - 1, -1, -1)))
-    return layers
-
-
-def pyro_autoregressive_layers(dim: int, num_layers: int, hidden: list[int], maf: bool) -> list:
-    layers = []
-    for i in range(num_layers):
-        network = AutoRegressiveNN(dim, hidden, param_dims=[1, 1], permutation=torch.arange(dim))
-        layer = T.AffineAutoregressive(network)
-        layers.append(layer.inv if maf else layer)
-        if i < num_layers - 1:
-            layers.append(T.Permute(torch.arange(dim - 1, -1, -1)))
-    return layers
-
-
-def modules_of(layers: list) -> nn.ModuleList:
-    modules = []
-    for layer in layers:
-        layer = getattr(layer, "_inv", None) or layer
-        if isinstance(layer, nn.Module):
-            modules.append(layer)
-    return nn.ModuleList(modules)
-
-
 def zuko_iaf(dim: int, num_layers: int, hidden: list[int]) -> zuko.flows.Flow:
     """zuko's MAF layers inverted: sampling (z -> x) is their one-pass direction."""
     orders = [torch.arange(dim), torch.arange(dim - 1, -1, -1)]
@@ -222,7 +194,7 @@ def rows_for(family: str, dim: int, batch: int, hidden: list[int]) -> dict[str, 
     base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
     if family == "maf":
         ours = pyro_nf.maf(dim, **kwargs)
-        pyro_layers = pyro_autoregressive_layers(dim, num_layers, hidden, maf=True)
+        pyro_layers = pyro_autoregressive_layers(dim, num_layers, hidden, "affine", maf=True)
         pyro_flow = dist.TransformedDistribution(base, pyro_layers)
         pyro_modules = modules_of(pyro_layers)
         zuko_flow = zuko.flows.MAF(dim, transforms=num_layers, hidden_features=hidden)
@@ -248,7 +220,7 @@ def rows_for(family: str, dim: int, batch: int, hidden: list[int]) -> dict[str, 
         return rows
 
     ours = pyro_nf.iaf(dim, **kwargs)
-    pyro_layers = pyro_autoregressive_layers(dim, num_layers, hidden, maf=False)
+    pyro_layers = pyro_autoregressive_layers(dim, num_layers, hidden, "affine", maf=False)
     pyro_flow = dist.TransformedDistribution(base, pyro_layers)
     pyro_modules = modules_of(pyro_layers)
     zuko_flow = zuko_iaf(dim, num_layers, hidden)
@@ -280,7 +252,7 @@ def rows_for(family: str, dim: int, batch: int, hidden: list[int]) -> dict[str, 
 
 # ----------------------------------------------------------------------------- timing
 def time_row(columns: dict[str, Callable], rounds: int, min_run_time: float) -> dict:
-    """Medians per column (the fastest round) and the ratios with their range over rounds."""
+    """The fastest call per column and the ratios, with their range over the rounds."""
     times = time_alternating(columns, rounds, min_run_time)
     best = {name: min(seconds) for name, seconds in times.items()}
     peers = [name for name in columns if name not in ("limit", "pyro-nf")]
