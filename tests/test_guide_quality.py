@@ -38,6 +38,7 @@ def recipe(steps: int) -> argparse.Namespace:
         ("realnvp", {"gradient": "path"}),
         ("iaf", {"base": "student_t"}),
     ],
+    ids=["iaf", "maf", "realnvp", "realnvp-path", "iaf-student_t"],
 )
 def test_flow_guide_halves_the_gaussian_kl_on_the_banana(family, options):
     """KL(q || p) of the default flow guide is at most half the full-covariance Gaussian's.
