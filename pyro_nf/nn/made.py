@@ -219,7 +219,14 @@ class MADE(nn.Module):
         check_context("MADE", context, self.context_dim)
 
     def _hidden(self, h: Tensor, index: int, weight: Tensor, bias: Tensor) -> Tensor:
-        a = self.activations[index](_linear(h, weight, bias))
+        pre_activation = _linear(h, weight, bias)
+        activation = self.activations[index]
+        if type(activation) is nn.ReLU:
+            # In place on the fresh pre-activation, which the linear layer's backward
+            # does not read: no activation-sized copy per layer.
+            a = torch.relu_(pre_activation)
+        else:
+            a = activation(pre_activation)
         return h + a if self.residual and index > 0 else a
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
