@@ -33,7 +33,7 @@ Reported per guide: the ELBO (``--eval-particles`` vectorized particles), the me
 over items of ``log q(z*)`` (exact posterior draws on ``conjugate``, the true latents
 on ``tutorial``), on ``conjugate`` also KL(q || p) and KL(p || q) per item, mean
 ``|E_q - E_p| / sd_p`` and mean ``log(sd_q / sd_p)`` over items and coordinates, and
-the training time.
+the training time; the JSON output also holds the mean loss of every 256 steps.
 
     python benchmarks/amortized.py            # full run (about 15 minutes on 2 cores)
     python benchmarks/amortized.py --quick    # smoke test (seconds)
@@ -258,16 +258,26 @@ class Budget:
     seed: int = 0
 
 
-def train(task: Task, guide: Guide, budget: Budget) -> float:
+LOSS_WINDOW = 256  # the tutorial prints its loss every 256 steps
+
+
+def train(task: Task, guide: Guide, budget: Budget) -> tuple[float, list[float]]:
+    """Train; returns the seconds and the mean loss of every ``LOSS_WINDOW`` steps."""
     optimizer = pyro.optim.ClippedAdam({"lr": budget.lr, "clip_norm": budget.clip_norm})
     elbo = Trace_ELBO(num_particles=budget.particles, vectorize_particles=True)
     svi = SVI(task.model, guide.guide, optimizer, elbo)
+    losses = []
     start = time.perf_counter()
     for step in range(budget.steps):
         loss = svi.step(*task.args)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step}")
-    return time.perf_counter() - start
+        losses.append(loss)
+    seconds = time.perf_counter() - start
+    windows = range(0, len(losses), LOSS_WINDOW)
+    return seconds, [
+        sum(losses[i : i + LOSS_WINDOW]) / len(losses[i : i + LOSS_WINDOW]) for i in windows
+    ]
 
 
 @torch.no_grad()
@@ -294,11 +304,12 @@ def run_cell(task: Task, name: str, make: Callable[[Task], Guide], budget: Budge
     pyro.clear_param_store()
     pyro.set_rng_seed(budget.seed)
     guide = make(task)
-    seconds = train(task, guide, budget)
+    seconds, loss_trace = train(task, guide, budget)
     parameters = sum(p.numel() for p in guide.parameters())
     row = {"task": task.name, "guide": name, "parameters": parameters}
     row.update(score(task, guide, budget))
     row.update(seconds=seconds, ms_per_step=1e3 * seconds / budget.steps)
+    row["loss_trace"] = loss_trace
     return row
 
 
