@@ -50,6 +50,11 @@ class DensityModel(nn.Module):
     """A trainable density: its parameters and ``log_prob(x)`` of shape ``x.shape[:-1]``.
 
     ``distribution`` (optional) returns the Pyro distribution of x, for the SVI path.
+    ``penalty`` (optional) returns a per-point penalty of the last ``log_prob``'s batch,
+    added to the loss of the same step (the CNF's kinetic and Jacobian regularizers).
+    ``evaluations`` (optional) returns the ODE function evaluations made since its last
+    call (forward solve and backward pass). ``on_mode(training)`` (optional) runs on
+    ``train()`` / ``eval()``, e.g. to switch an ODE solver's tolerances.
     """
 
     def __init__(
@@ -57,14 +62,26 @@ class DensityModel(nn.Module):
         module: nn.Module,
         log_prob: Callable[[Tensor], Tensor],
         distribution: Callable[[], dist.Distribution] | None = None,
+        penalty: Callable[[], Tensor] | None = None,
+        evaluations: Callable[[], int] | None = None,
+        on_mode: Callable[[bool], None] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self._log_prob = log_prob
         self.distribution = distribution
+        self.penalty = penalty
+        self.evaluations = evaluations
+        self.on_mode = on_mode
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self._log_prob(x)
+
+    def train(self, mode: bool = True) -> DensityModel:
+        super().train(mode)
+        if self.on_mode is not None:
+            self.on_mode(mode)
+        return self
 
 
 def pyro_nf_model(flow: pyro_nf.Flow) -> DensityModel:
@@ -95,6 +112,129 @@ def pyro_spline_autoregressive(dim: int, width: int, num_layers: int = 3) -> Den
     return DensityModel(holder, lambda x: distribution().log_prob(x), distribution)
 
 
+@dataclass(frozen=True)
+class CNFOptions:
+    """A CNF density model's settings: its dynamics, regularizers and solver tolerances.
+
+    ``depth`` hidden layers of equal width (set by the budget) in each block's
+    concat-squash dynamics; ``kinetic`` and ``jacobian`` weigh the RNODE regularizers
+    (the kinetic energy, the integral of ``|f|^2`` along the path, and the integral of
+    the squared Frobenius norm of ``df/dz``; per point, added to the NLL); the solver
+    runs at ``rtol = atol = train_tol`` in training and
+    at ``eval_tol`` when scoring (``eval()``).
+    """
+
+    depth: int = 3
+    blocks: int = 1
+    kinetic: float = 0.0
+    jacobian: float = 0.0
+    train_tol: float = 1e-3
+    eval_tol: float = 1e-5
+    activation: str = "tanh"
+    time: float = 1.0
+    init_scale: float = 1e-2
+    actnorm: bool = False
+
+    def name(self) -> str:
+        text = f"cnf {self.depth}x{self.activation}"
+        if self.blocks > 1:
+            text += f" {self.blocks} blocks"
+        if self.kinetic or self.jacobian:
+            text += f" reg {self.kinetic:g}/{self.jacobian:g}"
+        text += f" tol {self.train_tol:g}"
+        text += f" T={self.time:g}" if self.time != 1.0 else ""
+        text += f" init {self.init_scale:g}" if self.init_scale != 1e-2 else ""
+        return text + (" actnorm" if self.actnorm else "")
+
+
+def pyro_nf_cnf(options: CNFOptions) -> Callable[[int, int], DensityModel]:
+    """pyro-nf's CNF with ``options``: regularized, counted, tolerances switched.
+
+    The layers of ``pyro_nf.cnf()`` (one :class:`~pyro_nf.transforms.ContinuousFlow`
+    per block), built here so that the dynamics' ``final_init_scale`` can be set.
+    """
+    from pyro_nf.nn import ODEDynamics
+    from pyro_nf.transforms import ActNorm, ContinuousFlow, collect_regularization
+
+    def make(d: int, w: int) -> DensityModel:
+        regularize = bool(options.kinetic or options.jacobian)
+        blocks = [
+            ContinuousFlow(
+                d,
+                ODEDynamics(
+                    d,
+                    (w,) * options.depth,
+                    activation=options.activation,
+                    final_init_scale=options.init_scale,
+                ),
+                time=options.time,
+                regularize=regularize,
+                rtol=options.train_tol,
+                atol=options.train_tol,
+            )
+            for _ in range(options.blocks)
+        ]
+        layers = blocks
+        if options.actnorm:  # as cnf(actnorm=True): an ActNorm before every block
+            layers = [layer for block in blocks for layer in (ActNorm(d), block)]
+        flow = pyro_nf.Flow(layers, d)
+
+        def penalty() -> Tensor:
+            terms = collect_regularization(flow)
+            return (
+                options.kinetic * terms["kinetic_energy"]
+                + options.jacobian * terms["jacobian_frobenius"]
+            )
+
+        def evaluations() -> int:
+            return sum(block.ode.nfe_forward + block.ode.nfe_backward for block in blocks)
+
+        def on_mode(training: bool) -> None:
+            tolerance = options.train_tol if training else options.eval_tol
+            for layer in blocks:
+                layer.ode.rtol = layer.ode.atol = tolerance
+
+        return DensityModel(
+            flow, flow.log_prob, flow, penalty if regularize else None, evaluations, on_mode
+        )
+
+    return make
+
+
+def zuko_cnf(
+    depth: int = 2, train_tol: float | None = None, eval_tol: float | None = None
+) -> Callable[[int, int], DensityModel]:
+    """zuko's ``CNF`` (exact trace; its defaults: ELU, atol 1e-6, rtol 1e-5), counted.
+
+    With ``train_tol`` / ``eval_tol`` its ``atol = rtol`` are set in training / scoring.
+    """
+
+    def make(d: int, w: int) -> DensityModel:
+        flow = _zuko().CNF(d, hidden_features=(w,) * depth)
+        transform = next(m for m in flow.modules() if hasattr(m, "exact") and hasattr(m, "f"))
+        count = [0]
+        function = transform.f
+
+        def counted(*args: Tensor, **kwargs: Tensor) -> Tensor:
+            count[0] += 1
+            return function(*args, **kwargs)
+
+        transform.f = counted  # FFJTransform.forward reads self.f at every call
+
+        def evaluations() -> int:
+            value, count[0] = count[0], 0
+            return value
+
+        def on_mode(training: bool) -> None:
+            tolerance = train_tol if training else eval_tol
+            if tolerance is not None:
+                transform.atol = transform.rtol = tolerance
+
+        return DensityModel(flow, lambda x: flow().log_prob(x), None, None, evaluations, on_mode)
+
+    return make
+
+
 def spline_options(**overrides: object) -> dict:
     """The spline coupling function's keyword arguments for the suite's spline models."""
     return dict(overrides)
@@ -111,11 +251,11 @@ MODELS: dict[str, Callable[[int, int], DensityModel]] = {
     "pyro-nf spline maf": lambda d, w: pyro_nf_model(
         pyro_nf.maf(d, hidden_dims=(w, w), coupling_function="spline")
     ),
-    "pyro-nf cnf": lambda d, w: pyro_nf_model(pyro_nf.cnf(d, hidden_dims=(w, w))),
+    "pyro-nf cnf": pyro_nf_cnf(CNFOptions(depth=2, train_tol=1e-5)),  # cnf()'s defaults
     "pyro spline AR": pyro_spline_autoregressive,
     "zuko NSF": lambda d, w: zuko_model(_zuko().NSF(d, hidden_features=(w, w))),
     "zuko MAF": lambda d, w: zuko_model(_zuko().MAF(d, hidden_features=(w, w))),
-    "zuko CNF": lambda d, w: zuko_model(_zuko().CNF(d, hidden_features=(w, w))),
+    "zuko CNF": zuko_cnf(),
 }
 
 #: The models of the tabular rows (the CNFs' exact trace is too slow at 64-d here).
@@ -157,6 +297,35 @@ def spline_study_models() -> dict[str, Callable[[int, int], DensityModel]]:
         options = {"num_bins": bins, "bound": bound, "tails": tails}
         name = f"K={bins} B={bound:g} {tails}" + (" actnorm" if actnorm else "")
         models[name] = _spline_coupling(options, actnorm)
+    return models
+
+
+#: The CNF study's settings (``--study cnf``): depth and activation of the dynamics,
+#: blocks, the RNODE regularizers' weights and the training tolerance.
+CNF_STUDY = (
+    CNFOptions(depth=2, train_tol=1e-5),  # pyro_nf.cnf()'s defaults
+    CNFOptions(depth=2),
+    CNFOptions(depth=3),
+    CNFOptions(depth=4),
+    CNFOptions(depth=3, activation="softplus"),
+    CNFOptions(depth=3, kinetic=0.01, jacobian=0.01),
+    CNFOptions(depth=3, kinetic=0.1, jacobian=0.1),
+    CNFOptions(depth=3, train_tol=1e-4),
+    CNFOptions(depth=3, train_tol=1e-2),
+    CNFOptions(depth=3, blocks=2),
+    CNFOptions(depth=3, actnorm=True),
+    CNFOptions(depth=3, init_scale=1.0),
+    CNFOptions(depth=3, time=3.0),
+    CNFOptions(depth=3, actnorm=True, init_scale=1.0),
+    CNFOptions(depth=3, actnorm=True, kinetic=0.01, jacobian=0.01),
+)
+
+
+def cnf_study_models() -> dict[str, Callable[[int, int], DensityModel]]:
+    """pyro-nf's CNF over :data:`CNF_STUDY`, and zuko's CNF at its defaults and at 1e-3."""
+    models = {options.name(): pyro_nf_cnf(options) for options in CNF_STUDY}
+    models["zuko CNF"] = MODELS["zuko CNF"]
+    models["zuko CNF 3 layers tol 0.001"] = zuko_cnf(3, 1e-3, 1e-5)
     return models
 
 
@@ -288,6 +457,8 @@ def direct_step(model: DensityModel, budget: Budget) -> Callable[[Tensor], float
 
     def step(x: Tensor) -> float:
         loss = -model.log_prob(x).mean()
+        if model.penalty is not None:
+            loss = loss + model.penalty().mean()
         if torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -316,7 +487,15 @@ def svi_step(model: DensityModel, budget: Budget, data_size: int) -> Callable[[T
     def pyro_model(x: Tensor) -> None:
         pyro.module("density", model.module)
         with pyro.plate("data", data_size, subsample=torch.arange(x.shape[0])):
-            pyro.sample("x", model.distribution(), obs=x)
+            distribution = model.distribution()
+            if model.penalty is not None:
+                # Trace_ELBO scores the observed site after the model has run, but the
+                # regularizers come from the solve: run it here (the site's score then
+                # reads the transform's cache of this pair, so it is one solve). Per
+                # point, scaled by the plate like the log-likelihood.
+                distribution.log_prob(x)
+                pyro.factor("regularization", -model.penalty())
+            pyro.sample("x", distribution, obs=x)
 
     def guide(x: Tensor) -> None:
         pass
@@ -346,8 +525,16 @@ def train(
     validation: Tensor | None = None,
     trainer: str = "direct",
     data_size: int | None = None,
+    evaluations: list[int] | None = None,
 ) -> tuple[float, bool]:
     """Train for ``budget.steps``; returns (seconds, finished without a non-finite loss).
+
+    The seconds are the process's CPU time (``time.process_time``): on a shared
+    machine whose other jobs pause or slow this one, wall-clock time would carry
+    their load; with one torch thread, CPU time is the training's own cost.
+
+    With ``evaluations`` (a list) and a model that counts its ODE function evaluations,
+    the count of every step (forward solve and backward pass) is appended to it.
 
     ``trainer`` is ``"direct"`` (:func:`direct_step`) or ``"svi"`` (:func:`svi_step`
     over a plate of ``data_size`` points). With ``validation`` data, the parameters
@@ -359,19 +546,21 @@ def train(
     else:
         step = direct_step(model, budget)
     best, best_state = math.inf, None
-    start = time.perf_counter()
+    start = time.process_time()
     finite = True
     model.train()
     for index in range(budget.steps):
         if not math.isfinite(step(next_batch(index))):
             finite = False
             break
+        if evaluations is not None and model.evaluations is not None:
+            evaluations.append(model.evaluations())
         last = index == budget.steps - 1
         if validation is not None and (index % 100 == 99 or last):
             score = nll_and_error(model, validation)[0]
             if score < best:
                 best, best_state = score, copy.deepcopy(model.state_dict())
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -405,13 +594,15 @@ def run_toy(
         width = width_for_budget(make, 2, budget.params)
         torch.manual_seed(seed)
         model = make(2, width)
+        counts: list[int] = []
         seconds, finite = train(
             model,
             lambda step: sample(budget.batch, seed * 10**5 + step),
             budget,
             trainer=trainer,
+            evaluations=counts,
         )
-        rows.append(scored_row(toy, name, model, test, seconds, width, finite))
+        rows.append(scored_row(toy, name, model, test, seconds, width, finite, counts))
         if grid is not None:
             extent = 8.0 if toy == "student_t" else 5.0
             grid[(toy, name)] = density_grid(model, extent, grid_size)
@@ -443,12 +634,12 @@ def run_tabular(
             index = torch.randint(train_data.shape[0], (budget.batch,), generator=generator)
             return train_data[index]
 
+        counts: list[int] = []
         seconds, finite = train(
-            model, next_batch, budget, validation, trainer, data_size=train_data.shape[0]
+            model, next_batch, budget, validation, trainer, train_data.shape[0], counts
         )
-        rows.append(
-            scored_row(f"{name} ({dim}-d)", model_name, model, test, seconds, width, finite)
-        )
+        data = f"{name} ({dim}-d)"
+        rows.append(scored_row(data, model_name, model, test, seconds, width, finite, counts))
     return rows
 
 
@@ -463,8 +654,15 @@ def scored_row(
     seconds: float,
     width: int,
     finite: bool,
+    evaluations: list[int] | None = None,
 ) -> dict:
-    """One result row: the held-out NLL and its standard error, printed as it is made."""
+    """One result row: the held-out NLL and its standard error, printed as it is made.
+
+    For a model that counts ODE function evaluations the row also has ``nfe_train``,
+    the mean count per training step (forward solve and backward pass, from
+    ``evaluations``), and ``nfe_eval``, the count of one scoring solve of up to 5000
+    test points (at the scoring tolerance).
+    """
     nll, error = nll_and_error(model, test)
     row = {
         "data": data,
@@ -476,12 +674,20 @@ def scored_row(
         "width": width,
         "finite": finite,
     }
+    if model.evaluations is not None:
+        row["nfe_train"] = sum(evaluations) / len(evaluations) if evaluations else math.nan
+        model.evaluations()  # start the count afresh
+        with torch.no_grad():
+            model.log_prob(test[:5000])
+        row["nfe_eval"] = model.evaluations()
     print(format_row(row), flush=True)
     return row
 
 
 def format_row(row: dict) -> str:
     flag = "" if row["finite"] else "  (stopped: non-finite loss)"
+    if "nfe_train" in row:
+        flag = f"  NFE {row['nfe_train']:.0f}/step, {row['nfe_eval']} to score" + flag
     return (
         f"{row['data']:<22} {row['model']:<40} NLL {row['nll']:8.3f} ± {row['se']:.3f}  "
         f"{row['seconds']:7.1f} s  {row['params']:6d} params (width {row['width']}){flag}"
@@ -548,6 +754,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(rows: list[dict]) -> str:
+    """The rows of models that count ODE evaluations: NLL beside its cost, one line each.
+
+    Columns: data, model, NLL ± se, training CPU seconds, mean function evaluations
+    per training step (forward solve and backward pass) and of one scoring solve.
+    Empty when no row counts evaluations.
+    """
+    counted = [row for row in rows if "nfe_train" in row]
+    if not counted:
+        return ""
+    lines = [
+        "| data | model | NLL | training CPU s | NFE per training step | NFE to score |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in counted:
+        lines.append(
+            f"| {row['data']} | {row['model']} | {row['nll']:.3f} ± {row['se']:.3f} | "
+            f"{row['seconds']:.0f} | {row['nfe_train']:.0f} | {row['nfe_eval']} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_grid(grid: dict, toys: list[str], models: list[str], path: str) -> None:
     import matplotlib
 
@@ -604,7 +832,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--toys", nargs="*", default=None, help=f"toys (default: all of {TOYS})")
     parser.add_argument("--models", nargs="*", default=None, help="models (default: all)")
     parser.add_argument("--tabular", nargs="*", default=None, help=f"tabular sets of {TABULAR}")
-    parser.add_argument("--study", choices=["splines"], default=None, help="an options study")
+    parser.add_argument("--study", choices=["splines", "cnf"], default=None, help="a study")
     parser.add_argument("--params", type=int, default=12_000, help="parameters per model")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
@@ -641,6 +869,10 @@ def combine(paths: list[str], figure: str | None) -> dict:
             pass
     table = markdown_table(rows)
     print(table)
+    costs = cost_table(rows)
+    if costs:
+        print()
+        print(costs)
     if figure and grid:
         toys = [toy for toy in TOYS if any(key[0] == toy for key in grid)]
         models = list(dict.fromkeys(key[1] for key in grid))
@@ -664,7 +896,8 @@ def main(argv: list[str] | None = None) -> dict:
         budget = Budget(params=2000, steps=5, batch=64, lr=args.lr, test_points=200)
         toys = ["two_moons"] if args.toys is None else args.toys
         tabular_sets = ["wine"] if args.tabular is None else args.tabular
-    catalogue = spline_study_models() if args.study == "splines" else MODELS
+    studies = {"splines": spline_study_models, "cnf": cnf_study_models}
+    catalogue = studies[args.study]() if args.study else MODELS
     names = list(catalogue) if args.models is None else args.models
     unknown = [name for name in names if name not in catalogue]
     if unknown:
@@ -688,6 +921,10 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(rows)
     print()
     print(table)
+    costs = cost_table(rows)
+    if costs:
+        print()
+        print(costs)
     if "student_t" in toys:
         print(f"\nstudent_t exact NLL: {student_t_nll():.3f}")
     if args.figure and grid:

@@ -85,3 +85,44 @@ def test_svi_under_a_subsampled_plate_reaches_the_direct_nll(model_name):
     # Same minibatches and Adam's invariance to the ELBO's scale (plate size / batch):
     # the two paths agree far inside the held-out NLL's standard error.
     assert abs(svi - direct) < error, scores
+
+
+def test_cnf_rows_carry_their_cost_and_the_regularized_cnf_trains_under_svi():
+    suite = load_density_suite()
+    regularized = suite.CNFOptions(depth=3, kinetic=0.01, jacobian=0.01).name()
+    models = [regularized, "zuko CNF"]
+    for trainer in ("direct", "svi"):
+        names = models if trainer == "direct" else [regularized]  # zuko's has no Pyro path
+        args = ["--quick", "--study", "cnf", "--models", *names, "--trainer", trainer]
+        result = suite.main(args)
+        for row in result["rows"]:
+            assert math.isfinite(row["nll"]) and row["finite"], row
+            # An adaptive solve evaluates the field at least once per step of it.
+            assert row["nfe_train"] >= 1 and row["nfe_eval"] >= 1, row
+        assert f"| two_moons | {regularized} |" in suite.cost_table(result["rows"])
+
+
+def test_cnf_model_adds_the_regularizers_and_scores_at_the_scoring_tolerance():
+    suite = load_density_suite()
+    options = suite.CNFOptions(depth=2, kinetic=0.5, jacobian=0.25, train_tol=1e-2)
+    torch.manual_seed(0)
+    model = suite.pyro_nf_cnf(options)(2, 8)
+    layer = next(m for m in model.modules() if hasattr(m, "ode"))
+    model.train()
+    assert layer.ode.rtol == layer.ode.atol == 1e-2
+    x = torch.randn(7, 2)
+    model.log_prob(x)
+    penalty = model.penalty()
+    terms = suite_regularization(model)
+    expected = 0.5 * terms["kinetic_energy"] + 0.25 * terms["jacobian_frobenius"]
+    assert penalty.shape == (7,) and torch.allclose(penalty, expected)
+    assert bool((penalty > 0).all())  # both integrands are squares of a non-zero field
+    assert model.evaluations() >= 1
+    model.eval()
+    assert layer.ode.rtol == layer.ode.atol == options.eval_tol
+
+
+def suite_regularization(model):
+    from pyro_nf.transforms import collect_regularization
+
+    return collect_regularization(model.module)
