@@ -47,3 +47,23 @@ def pytest_configure(config):
     # The tests' tensors are small: one thread is as fast, and on a shared machine it
     # avoids the stalls of oversubscribed OpenMP threads.
     torch.set_num_threads(int(os.environ.get("PYRO_NF_TEST_THREADS", "1")))
+
+
+# The examples and the benchmarks each have a helper module named ``common`` (imported
+# by their scripts as ``from common import ...`` after putting their folder on sys.path).
+# Python keeps one ``sys.modules["common"]``: whichever a test loaded first would be
+# served to the other folder's scripts. Each test gets back the entry it started with.
+SCRIPT_HELPER_MODULES = ("common", "coupling", "autoregressive")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_script_helper_modules():
+    import sys
+
+    saved = {name: sys.modules.get(name) for name in SCRIPT_HELPER_MODULES}
+    yield
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
