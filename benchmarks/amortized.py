@@ -252,6 +252,7 @@ class Budget:
     steps: int = 4096
     particles: int = 16
     lr: float = 1e-3
+    lr_decay: float = 1.0  # the learning rate's factor over the whole run (1: constant)
     clip_norm: float = 10.0
     eval_particles: int = 1000
     items: int = 64
@@ -263,7 +264,9 @@ LOSS_WINDOW = 256  # the tutorial prints its loss every 256 steps
 
 def train(task: Task, guide: Guide, budget: Budget) -> tuple[float, list[float]]:
     """Train; returns the seconds and the mean loss of every ``LOSS_WINDOW`` steps."""
-    optimizer = pyro.optim.ClippedAdam({"lr": budget.lr, "clip_norm": budget.clip_norm})
+    options = {"lr": budget.lr, "clip_norm": budget.clip_norm}
+    options["lrd"] = budget.lr_decay ** (1 / budget.steps)
+    optimizer = pyro.optim.ClippedAdam(options)
     elbo = Trace_ELBO(num_particles=budget.particles, vectorize_particles=True)
     svi = SVI(task.model, guide.guide, optimizer, elbo)
     losses = []
@@ -347,6 +350,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guides", nargs="+", default=None, help="guide names (default all)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr-decay", type=float, default=1.0, help="the learning rate's factor over the run"
+    )
     parser.add_argument("--output", type=Path, default=None, help="rows as JSON")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         budget = Budget(steps=3, particles=2, eval_particles=8, items=8, seed=args.seed)
     if args.steps is not None:
         budget.steps = args.steps
+    budget.lr_decay = args.lr_decay
     unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; expected some of {list(TASKS)}")
