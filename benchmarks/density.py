@@ -21,6 +21,7 @@ Run::
     python benchmarks/density.py --quick              # a smoke test in seconds
     python benchmarks/density.py --toys rings --models "pyro-nf spline coupling" "zuko NSF"
     python benchmarks/density.py --study splines      # the spline-option study
+    python benchmarks/density.py --study cnf --toys rings --steps 300   # CNF settings, costs
     python benchmarks/density.py --figure docs/images/density_grid.png --output results.json
     python benchmarks/density.py --combine a.json b.json --figure grid.png   # merge runs
 """
