@@ -10,7 +10,12 @@ Example:
 """
 
 from pyro_nf.infer import targets
-from pyro_nf.infer.amortized import AmortizedFlowGuide
+from pyro_nf.infer.amortized import (
+    AmortizedAffine,
+    AmortizedFlowGuide,
+    FeatureEncoder,
+    first_argument_rows,
+)
 from pyro_nf.infer.autoguide import FLOW_FAMILIES, AutoFlow, PathDerivativeDistribution
 from pyro_nf.infer.data import ArrayDataset, NpyBatches
 from pyro_nf.infer.diagnostics import (
@@ -25,14 +30,17 @@ from pyro_nf.infer.training import FitHistory, NonFiniteLossError, fit
 __all__ = [
     "FLOW_FAMILIES",
     "GUIDE_BUDGETS",
+    "AmortizedAffine",
     "AmortizedFlowGuide",
     "ArrayDataset",
     "AutoFlow",
+    "FeatureEncoder",
     "FitHistory",
     "NonFiniteLossError",
     "NpyBatches",
     "PSISResult",
     "PathDerivativeDistribution",
+    "first_argument_rows",
     "fit",
     "fit_guide",
     "importance_draws",
