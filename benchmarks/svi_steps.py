@@ -7,10 +7,7 @@ latents, for D = 2, 10, 100 and 1000, timed side by side, round by round:
   ``AutoNormalizingFlow`` with ``iterated(L, affine_autoregressive)`` (both L affine
   autoregressive layers on ``AutoRegressiveNN`` of the same hidden sizes);
 - ``AutoFlow(flow="realnvp")`` against ``AutoNormalizingFlow`` with
-  ``iterated(L, affine_coupling)`` (D >= 2), also with ``gradient="total"``: the
-  default real NVP guide takes the path-derivative gradient, which scores each draw
-  with one more (detached) pass of the flow, so that column shows the same work as
-  Pyro's guide.
+  ``iterated(L, affine_coupling)`` (D >= 2).
 
 Architecture: L = 5 layers; two hidden layers of ``max(64, 2D)`` units (a MADE needs
 hidden layers at least as wide as D - 1 for every output to depend on its
@@ -57,10 +54,6 @@ def linear_gaussian_model(dim: int) -> tuple[Callable[[], None], torch.Tensor]:
     return model, observed
 
 
-class TotalGradientAutoFlow(AutoFlow):
-    """AutoFlow under another name, so that two of them share one param store."""
-
-
 def hidden_sizes(dim: int) -> list[int]:
     return [max(64, 2 * dim)] * 2
 
@@ -95,9 +88,6 @@ def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[
         f"realnvp D={dim}": {
             "AutoFlow(realnvp)": lambda: AutoFlow(
                 model, flow="realnvp", num_layers=NUM_LAYERS, hidden_dims=hidden
-            ),
-            "AutoFlow(realnvp, gradient='total')": lambda: TotalGradientAutoFlow(
-                model, flow="realnvp", num_layers=NUM_LAYERS, hidden_dims=hidden, gradient="total"
             ),
             "AutoNormalizingFlow(affine_coupling)": lambda: AutoNormalizingFlow(
                 model, partial(T.iterated, NUM_LAYERS, T.affine_coupling, hidden_dims=hidden)
