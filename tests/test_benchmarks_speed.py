@@ -22,18 +22,20 @@ def benchmarks_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
 
 
-def run_quick(monkeypatch, module, arguments):
-    monkeypatch.setattr(sys, "argv", [module.__file__, "--quick", *arguments])
+def quick_results(monkeypatch, tmp_path, script, arguments):
+    """Run ``benchmarks/<script>.py --quick`` with ``arguments``; its JSON results."""
+    module = load_script(f"benchmarks/{script}.py", f"benchmark_{script}")
+    output = tmp_path / f"{script}.json"
+    argv = [module.__file__, "--quick", *arguments, "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
     module.main()
+    return json.loads(output.read_text())
 
 
 def test_limit_quick_mode_reports_every_row_against_the_limit_and_both_peers(
     benchmarks_on_path, monkeypatch, tmp_path
 ):
-    limit = load_script("benchmarks/limit.py", "benchmark_limit")
-    output = tmp_path / "limit.json"
-    run_quick(monkeypatch, limit, ["--rounds", "2", "--output", str(output)])
-    results = json.loads(output.read_text())
+    results = quick_results(monkeypatch, tmp_path, "limit", ["--rounds", "2"])
     expected = {
         f"{family} {row} D=4"
         for family, rows in {
@@ -55,10 +57,7 @@ def test_limit_quick_mode_reports_every_row_against_the_limit_and_both_peers(
 def test_svi_steps_quick_mode_times_autoflow_beside_pyros_guides(
     benchmarks_on_path, monkeypatch, tmp_path
 ):
-    svi_steps = load_script("benchmarks/svi_steps.py", "benchmark_svi_steps")
-    output = tmp_path / "svi.json"
-    run_quick(monkeypatch, svi_steps, ["--rounds", "1", "--output", str(output)])
-    results = json.loads(output.read_text())
+    results = quick_results(monkeypatch, tmp_path, "svi_steps", ["--rounds", "1"])
     assert set(results) == {f"{family} D={dim}" for family in ("iaf", "realnvp") for dim in (2, 3)}
     for label, row in results.items():
         ours = [name for name in row["ms"] if name.startswith("AutoFlow")]
