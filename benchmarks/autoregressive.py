@@ -31,8 +31,8 @@ from __future__ import annotations
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from common import Row, common_arguments, parse_arguments, run_rows, synchronized
 from pyro.nn import AutoRegressiveNN
+from timing import Row, common_arguments, parse_arguments, run_rows, synchronized
 
 import pyro_nf
 

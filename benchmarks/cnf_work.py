@@ -49,13 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 import pyro_nf
 from pyro_nf.nn import ODEDynamics
 from pyro_nf.transforms import ContinuousFlow
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' helpers
+from timing import median_seconds  # noqa: E402
 
 TOLERANCE = 1e-5
 HIDDEN = (64, 64)
@@ -65,17 +67,6 @@ HIDDEN = (64, 64)
 FIELD_SCALE = 8.0
 CONFIGS = ((2, 64), (2, 1024), (8, 1024))
 QUICK_CONFIGS = ((2, 16),)
-
-
-def median_seconds(fn: Callable[[], object], min_run_time: float) -> float:
-    """The median seconds of ``fn`` (after one warm-up call), as ``benchmarks/common.py``.
-
-    Written here rather than imported: the examples have a ``common`` module too, and
-    the two must not meet in ``sys.modules``.
-    """
-    fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 # ------------------------------------------------------------------------ the field

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import Row, common_arguments, parse_arguments, run_rows
+from timing import Row, common_arguments, parse_arguments, run_rows
 
 from pyro_nf.flows import FLOW_BUILDERS
 

@@ -2,7 +2,7 @@
 
 Three tables:
 
-1. Time per operation (median, ``benchmarks/common.py``) of ``log_prob`` (no grad),
+1. Time per operation (median, ``benchmarks/timing.py``) of ``log_prob`` (no grad),
    ``sample`` and a training step (``-log_prob(x).mean()``, backward, Adam step) for
    D = 2 with the exact trace and D = 16 with Hutchinson's estimator; dynamics with
    hidden sizes (64, 64), batch 1024, rtol = atol = 1e-5, dopri5; against zuko's
@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from common import Row, common_arguments, median_seconds, parse_arguments, run_rows
+from timing import Row, common_arguments, median_seconds, parse_arguments, run_rows
 
 import pyro_nf
 from pyro_nf import datasets

@@ -33,7 +33,7 @@ import torch.utils.benchmark as benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import synchronized  # noqa: E402
+from timing import synchronized  # noqa: E402
 
 import pyro_nf  # noqa: E402
 

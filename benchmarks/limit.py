@@ -41,8 +41,8 @@ import torch.nn.functional as F
 import zuko
 from autoregressive import modules_of
 from autoregressive import pyro_layers as pyro_autoregressive_layers
-from common import common_arguments, parse_arguments, time_alternating
 from coupling import pyro_realnvp as pyro_coupling_layers
+from timing import common_arguments, parse_arguments, time_alternating
 from torch import Tensor, nn
 
 import pyro_nf

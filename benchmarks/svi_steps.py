@@ -31,10 +31,10 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from common import common_arguments, parse_arguments, time_alternating
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
 from pyro.optim import Adam
+from timing import common_arguments, parse_arguments, time_alternating
 
 from pyro_nf.infer import AutoFlow
 

@@ -49,11 +49,13 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ.get("PYRO_NF_TEST_THREADS", "1")))
 
 
-# The examples and the benchmarks each have a helper module named ``common`` (imported
-# by their scripts as ``from common import ...`` after putting their folder on sys.path).
-# Python keeps one ``sys.modules["common"]``: whichever a test loaded first would be
-# served to the other folder's scripts. Each test gets back the entry it started with.
-SCRIPT_HELPER_MODULES = ("common", "coupling", "autoregressive")
+# The example and benchmark scripts import their folder's helper modules by bare name
+# (``from common import ...``, ``from timing import ...``) after putting the folder on
+# sys.path. Python keeps one ``sys.modules`` entry per name, so a helper loaded by one
+# test would be served to another folder's script that uses the same name (the examples'
+# and the benchmarks' helpers were both called ``common`` once). Each test gets back the
+# entries it started with.
+SCRIPT_HELPER_MODULES = ("common", "timing", "coupling", "autoregressive")
 
 
 @pytest.fixture(autouse=True)
