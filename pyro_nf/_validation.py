@@ -145,3 +145,20 @@ def concat_context(inputs: Tensor, context: Tensor | None) -> Tensor:
         [inputs.expand(batch + inputs.shape[-1:]), context.expand(batch + context.shape[-1:])],
         dim=-1,
     )
+
+
+def is_real_support(support: object) -> bool:
+    """Whether ``support`` is the reals, possibly reinterpreted as events (``real_vector``).
+
+    Such a support holds exactly the finite values, so a finiteness check covers it.
+
+    Example:
+        >>> from torch.distributions import constraints
+        >>> is_real_support(constraints.real_vector), is_real_support(constraints.positive)
+        (True, False)
+    """
+    from torch.distributions import constraints
+
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real

@@ -23,10 +23,10 @@ import torch
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
-from torch.distributions import Transform, constraints
+from torch.distributions import Transform
 from torch.distributions.utils import _sum_rightmost
 
-from pyro_nf._validation import check_context, check_input_dtype, integer
+from pyro_nf._validation import check_context, check_input_dtype, integer, is_real_support
 from pyro_nf.nn.made import autoregressive_order
 from pyro_nf.transforms.autoregressive import (
     Autoregressive,
@@ -63,14 +63,6 @@ def _all_finite(value: Tensor) -> bool:
     return bool(torch.isfinite(value.detach().sum())) or bool(torch.isfinite(value).all())
 
 
-def _is_real_vector(support: constraints.Constraint) -> bool:
-    return (
-        isinstance(support, constraints.independent)
-        and support.base_constraint is constraints.real
-        and support.reinterpreted_batch_ndims == 1
-    )
-
-
 class FlowDistribution(dist.TransformedDistribution):
     """The distribution of a :class:`Flow`'s ``x``: Pyro's ``TransformedDistribution`` with
     the package's input policy for ``log_prob``.
@@ -90,8 +82,6 @@ class FlowDistribution(dist.TransformedDistribution):
     """
 
     def _validate_sample(self, value: Tensor) -> None:
-        if not isinstance(value, Tensor):
-            raise TypeError(f"expected the value to be a torch.Tensor, got {type(value).__name__}")
         if value.numel() == 0:
             event = self.event_shape
             if value.shape[value.dim() - len(event) :] != event:
@@ -111,7 +101,7 @@ class FlowDistribution(dist.TransformedDistribution):
                 "finite values, or turn validation off (pyro.enable_validation(False)) "
                 "to get NaN (for NaN) or -inf (for an infinity) in those rows."
             )
-        if not _is_real_vector(self.support):
+        if not is_real_support(self.support):
             super()._validate_sample(value)
             return
         # A finite value lies in the real support: only torch's shape checks are left
@@ -184,20 +174,16 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``log p(x)`` with shape ``value.shape[:-1]`` (broadcast with the batch shape)."""
-        if isinstance(value, Tensor) and value.numel() == 0:
-            # torch's reductions over the event cannot reshape an empty tensor: answer
-            # directly, after the same checks a non-empty value gets.
-            if self._validate_args:
-                self._validate_sample(value)
-            check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
-            batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-            return value.new_zeros(batch)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"expected the value to be a torch.Tensor, got {type(value).__name__}")
         if self._validate_args:
             self._validate_sample(value)
-        if isinstance(value, Tensor):
-            # Before any layer: the first one met may hold no floating-point state (a
-            # permutation) and could not name the dtype the flow computes in.
-            check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
+        # The dtype before any layer: the first one met may hold no floating-point state
+        # (a permutation) and could not name the dtype the flow computes in.
+        check_input_dtype("Flow", value, self.base_dist.mean.dtype, "value")
+        if value.numel() == 0:
+            # torch's reductions over the event cannot reshape an empty tensor.
+            return value.new_zeros(torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
         log_prob = self._log_prob(value)
         if not self._validate_args and value.dtype.is_floating_point:
             # The defined answer for non-finite rows, whatever each layer makes of them:

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torch.distributions import AffineTransform, biject_to
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
-from pyro_nf._validation import integer, positive_number
+from pyro_nf._validation import integer, is_real_support, positive_number
 from pyro_nf.flows import Flow, flow_builder
-from pyro_nf.infer.autoguide import _adopt_stored_parameters, _is_real, _param_name
+from pyro_nf.infer.autoguide import _adopt_stored_parameters, _param_name
 from pyro_nf.nn import MLP
 
 __all__ = ["AmortizedAffine", "AmortizedFlowGuide", "FeatureEncoder", "first_argument_rows"]
@@ -285,7 +285,7 @@ class AmortizedFlowGuide(AutoGuide):
             self._setup_prototype(*args, **kwargs)
         context = self.encoder(*args, **kwargs)
         posterior = self.flow(context)
-        if _is_real(self._support):
+        if is_real_support(self._support):
             return posterior
         return dist.TransformedDistribution(posterior, [biject_to(self._support).with_cache()])
 

@@ -492,9 +492,3 @@ def _adopt_stored_parameters(name: str, module: nn.Module) -> None:
         {param_with_module_name(name, key): p.shape for key, p in module.named_parameters()}
     )
     pyro.module(name, module, update_module_params=True)
-
-
-def _is_real(support: constraints.Constraint) -> bool:
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support is constraints.real

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyro_nf._validation import check_context, concat_context, integer, layer_sizes
-from pyro_nf.nn.mlp import activation_module
+from pyro_nf.nn.mlp import activate_fresh, activation_module
 
 __all__ = ["MADE", "MaskedLinear", "AutoregressiveSteps", "autoregressive_order"]
 
@@ -219,14 +219,7 @@ class MADE(nn.Module):
         check_context("MADE", context, self.context_dim)
 
     def _hidden(self, h: Tensor, index: int, weight: Tensor, bias: Tensor) -> Tensor:
-        pre_activation = _linear(h, weight, bias)
-        activation = self.activations[index]
-        if type(activation) is nn.ReLU:
-            # In place on the fresh pre-activation, which the linear layer's backward
-            # does not read: no activation-sized copy per layer.
-            a = torch.relu_(pre_activation)
-        else:
-            a = activation(pre_activation)
+        a = activate_fresh(self.activations[index], _linear(h, weight, bias))
         return h + a if self.residual and index > 0 else a
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from pyro_nf._validation import concat_context, integer, layer_sizes
 
-__all__ = ["MLP", "activation_module"]
+__all__ = ["MLP", "activate_fresh", "activation_module"]
 
 
 def activation_module(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -28,6 +28,23 @@ def activation_module(activation: str | Callable[[], nn.Module]) -> Callable[[],
     if activation not in registry:
         raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(registry)}")
     return registry[activation]
+
+
+def activate_fresh(activation: nn.Module, pre_activation: Tensor) -> Tensor:
+    """``activation(pre_activation)`` for a pre-activation nobody else reads.
+
+    ``pre_activation`` must be the fresh output of a linear layer, whose backward does
+    not read its output: a ReLU then overwrites it in place, with no activation-sized
+    copy (3-4 % of a coupling flow's pass at batch 4096). Other activations are called
+    as they are.
+
+    Example:
+        >>> activate_fresh(nn.ReLU(), torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
+    if type(activation) is nn.ReLU:
+        return torch.relu_(pre_activation)
+    return activation(pre_activation)
 
 
 class MLP(nn.Module):
@@ -75,13 +92,7 @@ class MLP(nn.Module):
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(n_in, n_out))
             if i < len(sizes) - 2:
-                activation_layer = make_activation()
-                if type(activation_layer) is nn.ReLU:
-                    # Each ReLU overwrites the fresh output of the linear layer before it,
-                    # which that layer's backward does not read: no activation-sized copy
-                    # per layer (3-4 % of a coupling flow's pass at batch 4096).
-                    activation_layer.inplace = True
-                layers.append(activation_layer)
+                layers.append(make_activation())
         self.network = nn.Sequential(*layers)
         final = layers[-1]
         with torch.no_grad():
@@ -89,4 +100,7 @@ class MLP(nn.Module):
             final.bias.zero_()
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.network(concat_context(inputs, context))
+        h = concat_context(inputs, context)
+        for layer in self.network:
+            h = layer(h) if isinstance(layer, nn.Linear) else activate_fresh(layer, h)
+        return h

@@ -103,9 +103,9 @@ class PairCache:
         >>> cache = PairCache()
         >>> z, x = torch.zeros(2), torch.ones(2)
         >>> cache.store(z, x, torch.tensor(0.0), state=("parameter versions",))
-        >>> cache.lookup_forward(z, ("parameter versions",)) is x
+        >>> cache.entry_for(0, z, ("parameter versions",))[1] is x
         True
-        >>> cache.lookup_forward(z, ("after an optimizer step",)) is None
+        >>> cache.entry_for(0, z, ("after an optimizer step",)) is None
         True
     """
 
@@ -159,18 +159,6 @@ class PairCache:
         if stamp != self._stamp(z, x, state) or None in stamp[:2]:
             return None
         return entry
-
-    def lookup_forward(self, z: Tensor, state: tuple) -> Tensor | None:
-        entry = self.entry_for(0, z, state)
-        return None if entry is None else entry[1]
-
-    def lookup_inverse(self, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self.entry_for(1, x, state)
-        return None if entry is None else entry[0]
-
-    def lookup_log_det(self, z: Tensor, x: Tensor, state: tuple) -> Tensor | None:
-        entry = self.entry_for(0, z, state)
-        return entry[2] if entry is not None and entry[1] is x else None
 
 
 class PairCacheMixin:
@@ -374,9 +362,9 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         self, z: Tensor, x: Tensor, context: Tensor | None, cache: PairCache
     ) -> Tensor:
         if self._cache_size == 1 and not _is_compiling():
-            log_det = cache.lookup_log_det(z, x, self._cache_state(context))
-            if log_det is not None:
-                return log_det
+            entry = cache.entry_for(0, z, self._cache_state(context))
+            if entry is not None and entry[1] is x:
+                return entry[2]
         if self.cheap_inverse:
             self._check(x, context, "input x")
             return self.inverse_and_log_det(x, context)[1]
