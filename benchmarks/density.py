@@ -135,6 +135,7 @@ class CNFOptions:
     time: float = 1.0
     init_scale: float = 1e-2
     actnorm: bool = False
+    init: str = "preserve"
 
     def name(self) -> str:
         text = f"cnf {self.depth}x{self.activation}"
@@ -145,6 +146,7 @@ class CNFOptions:
         text += f" tol {self.train_tol:g}"
         text += f" T={self.time:g}" if self.time != 1.0 else ""
         text += f" init {self.init_scale:g}" if self.init_scale != 1e-2 else ""
+        text += " torch-init" if self.init == "torch" else ""
         return text + (" actnorm" if self.actnorm else "")
 
 
@@ -167,6 +169,7 @@ def pyro_nf_cnf(options: CNFOptions) -> Callable[[int, int], DensityModel]:
                     (w,) * options.depth,
                     activation=options.activation,
                     final_init_scale=options.init_scale,
+                    init=options.init,
                 ),
                 time=options.time,
                 regularize=regularize,
@@ -321,6 +324,7 @@ CNF_STUDY = (
     CNFOptions(depth=3, time=3.0),
     CNFOptions(depth=3, actnorm=True, init_scale=1.0),
     CNFOptions(depth=3, actnorm=True, kinetic=0.01, jacobian=0.01),
+    CNFOptions(depth=3, init="torch"),  # the dynamics' init before init="preserve"
 )
 
 

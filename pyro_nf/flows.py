@@ -434,6 +434,9 @@ def cnf(
     activation: str = "tanh",
     *,
     num_blocks: int | None = None,
+    final_init_scale: float = 1e-2,
+    init: str = "preserve",
+    dynamics: Callable[[], nn.Module] | None = None,
 ) -> Flow:
     r"""A continuous normalizing flow (FFJORD): ``num_layers`` ODE transforms in a row.
 
@@ -462,6 +465,18 @@ def cnf(
         actnorm: put an :class:`ActNorm` layer before every block.
         activation: the dynamics' activation (smooth: ``"tanh"`` or ``"softplus"``).
         num_blocks: the older spelling of ``num_layers``, kept as an alias.
+        final_init_scale: the scale of the last dynamics layer's initial weights
+            (:class:`~pyro_nf.nn.ODEDynamics`; small: each block starts near the
+            identity).
+        init: the dynamics' hidden-layer initialisation, ``"preserve"`` (default: the
+            input's variation reaches the last hidden layer) or ``"torch"`` (PyTorch's
+            ``nn.Linear`` init, the default before; see :class:`~pyro_nf.nn.ODEDynamics`).
+        dynamics: a factory called once per block for its vector field, e.g.
+            ``lambda: ODEDynamics(2, (64, 64, 64), activation="softplus")``; it must
+            take ``(t, z)`` (and the context when ``context_dim > 0``) and have
+            ``dim`` (and ``context_dim``) attributes equal to the flow's when it has
+            them. With it, ``hidden_dims``, ``activation``, ``final_init_scale`` and
+            ``init`` are not used.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -470,19 +485,35 @@ def cnf(
         >>> flow = cnf(dim=2, hidden_dims=(16, 16), rtol=1e-4, atol=1e-4)
         >>> flow.log_prob(torch.randn(10, 2)).shape
         torch.Size([10])
+        >>> from pyro_nf.nn import ODEDynamics
+        >>> flow = cnf(2, num_layers=2, dynamics=lambda: ODEDynamics(2, (8, 8, 8)))
+        >>> flow.layers[1].dynamics.hidden_dims
+        (8, 8, 8)
     """
+    from pyro_nf.nn.dynamics import ODEDynamics
+
     num_layers = renamed(num_layers, num_blocks, "num_layers", "num_blocks", 1)
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     layers: list[Transform] = []
     for _ in range(num_layers):
         if actnorm:
             layers.append(ActNorm(dim))
+        if dynamics is None:
+            field = ODEDynamics(
+                dim,
+                hidden_dims,
+                context_dim,
+                activation,
+                final_init_scale=final_init_scale,
+                init=init,
+            )
+        else:
+            field = dynamics()
         layers.append(
             ContinuousFlow(
                 dim,
-                hidden_dims=hidden_dims,
+                field,
                 context_dim=context_dim,
-                activation=activation,
                 trace=trace,
                 probe=probe,
                 time=time,

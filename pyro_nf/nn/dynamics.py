@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,6 +12,25 @@ from pyro_nf._validation import integer, layer_sizes
 from pyro_nf.nn.mlp import activation_module
 
 __all__ = ["ConcatSquashLinear", "ODEDynamics"]
+
+DYNAMICS_INITS = ("preserve", "torch")
+
+# The initial mean of a concat-squash gate, sigmoid(a t + b) with PyTorch's init of a
+# one-input hyper layer (a, b uniform on [-1, 1]): 1/2 by symmetry.
+GATE_MEAN = 0.5
+
+
+def _activation_gain(activation: str | Callable[[], nn.Module]) -> float:
+    """The weight gain that keeps the variance of a layer's input through the activation.
+
+    tanh, relu, leaky_relu: ``torch.nn.init.calculate_gain`` (5/3, sqrt 2, ...);
+    softplus: 2 = 1 / softplus'(0); any other activation: 1.
+    """
+    if activation == "softplus":
+        return 2.0
+    if isinstance(activation, str) and activation in ("tanh", "relu", "leaky_relu"):
+        return nn.init.calculate_gain(activation)
+    return 1.0
 
 
 class ConcatSquashLinear(nn.Module):
@@ -71,6 +91,21 @@ class ODEDynamics(nn.Module):
     field starts close to zero and an ODE flow built on it starts close to the
     identity, while every parameter still receives a gradient.
 
+    Initialisation of the hidden layers (``init``): with ``"preserve"`` (default) each
+    hidden layer passes on the variation of its input. Its weights are drawn
+    :math:`W_{ij} \sim \mathcal N(0, (g / \bar\sigma)^2 / n_{in})` with :math:`g`
+    the activation's gain (5/3 for tanh as in ``torch.nn.init.calculate_gain``, 2 =
+    1/softplus'(0) for softplus, 1 for activations without a listed gain) and :math:`\bar\sigma = 1/2` the gate's mean at
+    initialisation; its bias and the time/context shift (:math:`a_s, A_s` and the
+    shift's bias) start at zero, the gate at PyTorch's init. With ``"torch"`` every
+    layer keeps PyTorch's ``nn.Linear`` init (the init before this option): there a
+    hidden layer scales the input-dependent part of its output by about
+    :math:`\bar\sigma / \sqrt 3 \cdot \phi' \approx 0.2` while the time shift (a
+    one-input layer, entries uniform on [-1, 1]) stays of order one, so after three
+    hidden layers the features hardly depend on ``z``: the field starts as a function
+    of time alone and a density model sits near a Gaussian for about a thousand Adam
+    steps at lr 1e-3 before it learns structure (see ``docs/benchmarks/density.md``).
+
     Shapes: ``t`` a scalar tensor, ``z`` of shape ``(..., dim)``, the optional context
     of shape ``(..., context_dim)``; the output has the broadcast batch shape and
     ``dim`` features. The argument order ``(t, z)`` is torchdiffeq's.
@@ -81,6 +116,7 @@ class ODEDynamics(nn.Module):
         context_dim: the context size (0: no context).
         activation: the activation between layers (a name or a module class).
         final_init_scale: the scale of the last layer's initial weights.
+        init: the hidden layers' initialisation, ``"preserve"`` or ``"torch"`` (above).
 
     References:
         Neural Ordinary Differential Equations (Chen et al., 2018), arXiv:1806.07366.
@@ -100,8 +136,12 @@ class ODEDynamics(nn.Module):
         context_dim: int = 0,
         activation: str | Callable[[], nn.Module] = "tanh",
         final_init_scale: float = 1e-2,
+        init: str = "preserve",
     ) -> None:
         super().__init__()
+        if init not in DYNAMICS_INITS:
+            raise ValueError(f"init must be one of {DYNAMICS_INITS}, got {init!r}")
+        self.init = init
         self.dim = dim = integer("dim", dim)
         self.context_dim = context_dim = integer("context_dim", context_dim, minimum=0)
         self.hidden_dims = hidden_dims = layer_sizes("hidden_dims", hidden_dims)
@@ -112,6 +152,15 @@ class ODEDynamics(nn.Module):
         )
         make_activation = activation_module(activation)
         self.activations = nn.ModuleList(make_activation() for _ in hidden_dims)
+        if init == "preserve":
+            gain = _activation_gain(activation) / GATE_MEAN
+            with torch.no_grad():
+                for layer in list(self.layers)[:-1]:
+                    std = gain / math.sqrt(layer.in_features)
+                    layer.linear.weight.normal_(0.0, std)
+                    layer.linear.bias.zero_()
+                    layer.hyper.weight[layer.out_features :].zero_()  # the shift
+                    layer.hyper.bias[layer.out_features :].zero_()
         final = self.layers[-1]
         with torch.no_grad():
             final.linear.weight.mul_(final_init_scale)
