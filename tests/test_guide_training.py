@@ -132,9 +132,95 @@ def test_student_t_base_learns_its_degrees_of_freedom():
     assert not torch.equal(guide.base_df.detach(), df)
 
 
+def correlated_gaussian_model() -> None:
+    """``N(0, Sigma)`` in 4 dimensions, an AR(1) correlation of 0.9: log Z = 0."""
+    lags = torch.arange(4.0)
+    covariance = 0.9 ** (lags[:, None] - lags[None, :]).abs()
+    pyro.sample("z", dist.MultivariateNormal(torch.zeros(4), covariance))
+
+
+def test_triangular_affine_log_det_matches_the_jacobian():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoFlow(correlated_gaussian_model, flow="realnvp", affine="triangular", **SMALL)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the guide follows the model's dtype
+    try:
+        guide()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    with torch.no_grad():
+        guide.scale_tril_offdiag.normal_()
+    transform = guide.get_transform()
+    u = torch.randn(4, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(transform, u)
+    expected = torch.linalg.slogdet(jacobian).logabsdet
+    assert float(transform.log_abs_det_jacobian(u, transform(u))) == pytest.approx(
+        float(expected), abs=1e-10
+    )
+    with torch.no_grad():
+        x = guide.get_posterior().sample((6,))
+        assert torch.allclose(transform(transform.inv(x)), x, atol=1e-10)
+
+
+@pytest.mark.parametrize("affine", ["diagonal", "triangular"])
+def test_triangular_affine_alone_is_the_full_covariance_gaussian(affine):
+    """With a parameter-free flow the guide is ``N(mu, L L^T)``: the triangular affine
+    reaches the exact posterior (KL about 0), the diagonal one cannot go below the best
+    mean-field KL, ``0.5 (sum_i log (Sigma^-1)_ii + log det Sigma)`` = 0.83 here.
+
+    The bar, a fifth of the mean-field KL, sits far from both ends: the triangular
+    guide's KL after training is the Monte Carlo noise of a converging Adam (well
+    under 0.05), and the diagonal one is bounded below by 0.83 whatever its training.
+    """
+    lags = torch.arange(4.0)
+    covariance = 0.9 ** (lags[:, None] - lags[None, :]).abs()
+    mean_field_kl = 0.5 * float(
+        torch.linalg.inv(covariance).diagonal().log().sum() + torch.logdet(covariance)
+    )
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    identity = torch.distributions.transforms.identity_transform
+    guide = AutoFlow(correlated_gaussian_model, flow=lambda dim: identity, affine=affine)
+    svi = pyro.infer.SVI(
+        correlated_gaussian_model,
+        guide,
+        pyro.optim.Adam({"lr": 0.05}),
+        Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=0),
+    )
+    for _ in range(400):
+        svi.step()
+    elbo = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=0)
+    with torch.no_grad():
+        kl = elbo.loss(correlated_gaussian_model, guide)  # log Z = 0: the loss is KL
+    if affine == "triangular":
+        assert kl < 0.2 * mean_field_kl
+    else:
+        assert kl > 0.95 * mean_field_kl
+
+
+@pytest.mark.parametrize(
+    ("flow", "expected"),
+    [("iaf", "triangular"), ("maf", "triangular"), ("realnvp", "diagonal"), ("cnf", "diagonal")],
+)
+def test_affine_default_per_family(flow, expected):
+    pyro.clear_param_store()
+    options = {"hidden_dims": (8,)} if flow == "cnf" else SMALL
+    guide = AutoFlow(correlated_gaussian_model, flow=flow, **options)
+    guide()
+    assert hasattr(guide, "scale_tril_offdiag") == (expected == "triangular")
+    stored = "AutoFlow.scale_tril_offdiag" in pyro.get_param_store()
+    assert stored == (expected == "triangular")
+    assert AutoFlow(correlated_gaussian_model, flow=lambda dim: None)._affine == "diagonal"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"base": "cauchy"}, "base must be one of"), ({"gradient": "score"}, "gradient must be")],
+    [
+        ({"base": "cauchy"}, "base must be one of"),
+        ({"gradient": "score"}, "gradient must be"),
+        ({"affine": "full"}, "affine must be one of"),
+    ],
 )
 def test_autoflow_rejects_unknown_base_and_gradient(kwargs, match):
     with pytest.raises(ValueError, match=match):
