@@ -122,7 +122,9 @@ class CNFOptions:
     (the kinetic energy, the integral of ``|f|^2`` along the path, and the integral of
     the squared Frobenius norm of ``df/dz``; per point, added to the NLL); the solver
     runs at ``rtol = atol = train_tol`` in training and
-    at ``eval_tol`` when scoring (``eval()``).
+    at ``eval_tol`` when scoring (``eval()``). ``init`` is the dynamics' hidden-layer
+    initialisation (:class:`~pyro_nf.nn.ODEDynamics`: ``"preserve"``, the default, or
+    ``"torch"``, PyTorch's, the default before; the name then ends in ``torch-init``).
     """
 
     depth: int = 3

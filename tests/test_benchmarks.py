@@ -122,6 +122,17 @@ def test_cnf_model_adds_the_regularizers_and_scores_at_the_scoring_tolerance():
     assert layer.ode.rtol == layer.ode.atol == options.eval_tol
 
 
+def test_cnf_options_reach_the_dynamics():
+    suite = load_density_suite()
+    for init in ("preserve", "torch"):
+        options = suite.CNFOptions(depth=3, init=init, init_scale=0.5)
+        model = suite.pyro_nf_cnf(options)(2, 8)
+        dynamics = next(m for m in model.modules() if hasattr(m, "ode")).dynamics
+        assert dynamics.init == init and dynamics.hidden_dims == (8, 8, 8)
+        assert options.name().endswith("torch-init") == (init == "torch")
+    assert suite.CNFOptions(init="torch").name() in suite.cnf_study_models()
+
+
 def suite_regularization(model):
     from pyro_nf.transforms import collect_regularization
 
