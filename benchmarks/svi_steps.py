@@ -78,6 +78,11 @@ def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[
             "AutoFlow(iaf)": lambda: AutoFlow(
                 model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden
             ),
+            # The default's triangular affine layer (a D x D product) beside the
+            # diagonal one, so its cost is visible in the same run.
+            "AutoFlow(iaf, diagonal)": lambda: AutoFlow(
+                model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden, affine="diagonal"
+            ),
             "AutoIAFNormal": lambda: AutoIAFNormal(
                 model, hidden_dim=hidden, num_transforms=NUM_LAYERS
             ),
