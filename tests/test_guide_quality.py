@@ -88,3 +88,27 @@ def test_defaults_are_stable_at_lr_1e2_on_the_100d_target(family, steps):
     losses = [svi.step() for _ in range(steps)]
     assert all(math.isfinite(loss) for loss in losses)
     assert current_elbo() > initial
+
+
+def test_triangular_default_is_no_worse_than_the_full_covariance_gaussian():
+    """On the logistic regression the default (iaf) guide's ELBO is at least
+    ``AutoMultivariateNormal``'s at the same budget.
+
+    Bar: the guide's triangular affine layer makes every full-covariance Gaussian a
+    member of its family (flow at the identity), and this 31-coefficient posterior is
+    close to Gaussian with strong correlations, so a default that trails the
+    Gaussian guide here has lost what the layer is for. Both are trained here, so the
+    bar moves with the budget. (At 1000 steps the suite measured about -56.7 for the
+    flows against -59.9 for the Gaussian; the bar asks only for no loss. maf has the
+    same layer but samples in 31 sequential passes per draw, so it is left to the suite.)
+    """
+    suite = load_suite()
+    problem = suite.make_problems(["logistic"])["logistic"]
+    args = recipe(1000)
+    factories = suite.guide_factories({})
+    gaussian = suite.evaluate(
+        problem, "AutoMultivariateNormal", factories["AutoMultivariateNormal"], args
+    )
+    flow = suite.evaluate(problem, "AutoFlow(iaf)", factories["AutoFlow(iaf)"], args)
+    assert gaussian["status"] == flow["status"] == "ok"
+    assert flow["elbo"] >= gaussian["elbo"], (flow["elbo"], gaussian["elbo"])
