@@ -132,11 +132,13 @@ def test_student_t_base_learns_its_degrees_of_freedom():
     assert not torch.equal(guide.base_df.detach(), df)
 
 
+#: An AR(1) correlation of 0.9 in 4 dimensions.
+AR_COVARIANCE = 0.9 ** (torch.arange(4.0)[:, None] - torch.arange(4.0)[None, :]).abs()
+
+
 def correlated_gaussian_model() -> None:
-    """``N(0, Sigma)`` in 4 dimensions, an AR(1) correlation of 0.9: log Z = 0."""
-    lags = torch.arange(4.0)
-    covariance = 0.9 ** (lags[:, None] - lags[None, :]).abs()
-    pyro.sample("z", dist.MultivariateNormal(torch.zeros(4), covariance))
+    """``N(0, AR_COVARIANCE)``: log Z = 0."""
+    pyro.sample("z", dist.MultivariateNormal(torch.zeros(4), AR_COVARIANCE))
 
 
 def test_triangular_affine_log_det_matches_the_jacobian():
@@ -173,10 +175,8 @@ def test_triangular_affine_alone_is_the_full_covariance_gaussian(affine):
     guide's KL after training is the Monte Carlo noise of a converging Adam (well
     under 0.05), and the diagonal one is bounded below by 0.83 whatever its training.
     """
-    lags = torch.arange(4.0)
-    covariance = 0.9 ** (lags[:, None] - lags[None, :]).abs()
     mean_field_kl = 0.5 * float(
-        torch.linalg.inv(covariance).diagonal().log().sum() + torch.logdet(covariance)
+        torch.linalg.inv(AR_COVARIANCE).diagonal().log().sum() + torch.logdet(AR_COVARIANCE)
     )
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -222,7 +222,7 @@ def test_affine_default_per_family(flow, expected):
         ({"affine": "full"}, "affine must be one of"),
     ],
 )
-def test_autoflow_rejects_unknown_base_and_gradient(kwargs, match):
+def test_autoflow_rejects_unknown_base_gradient_and_affine(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoFlow(gaussian_model, **kwargs)
 
