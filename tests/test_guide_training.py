@@ -137,8 +137,9 @@ AR_COVARIANCE = 0.9 ** (torch.arange(4.0)[:, None] - torch.arange(4.0)[None, :])
 
 
 def correlated_gaussian_model() -> None:
-    """``N(0, AR_COVARIANCE)``: log Z = 0."""
-    pyro.sample("z", dist.MultivariateNormal(torch.zeros(4), AR_COVARIANCE))
+    """``N(0, AR_COVARIANCE)`` in the default dtype: log Z = 0."""
+    covariance = AR_COVARIANCE.to(torch.get_default_dtype())
+    pyro.sample("z", dist.MultivariateNormal(torch.zeros(4), covariance))
 
 
 def test_triangular_affine_log_det_matches_the_jacobian():
