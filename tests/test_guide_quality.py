@@ -29,6 +29,24 @@ def recipe(steps: int) -> argparse.Namespace:
     )
 
 
+def gaussian_and_flow(target: str, family: str, options: dict) -> tuple[dict, dict]:
+    """``AutoMultivariateNormal`` and ``AutoFlow(family, **options)`` trained on one
+    suite target with the suite's 1000-step recipe: their scored rows."""
+    suite = load_suite()
+    problem = suite.make_problems([target])[target]
+    args = recipe(1000)
+    gaussian = suite.evaluate(
+        problem,
+        "AutoMultivariateNormal",
+        suite.guide_factories({})["AutoMultivariateNormal"],
+        args,
+    )
+    name = f"AutoFlow({family})"
+    flow = suite.evaluate(problem, name, suite.guide_factories(options)[name], args)
+    assert gaussian["status"] == flow["status"] == "ok"
+    return gaussian, flow
+
+
 @pytest.mark.parametrize(
     ("family", "options"),
     [
@@ -50,16 +68,7 @@ def test_flow_guide_halves_the_gaussian_kl_on_the_banana(family, options):
     trained here, so the bar moves with the budget, not with one stored number. The
     training options (path-derivative gradient, Student-t base) must clear it too.
     """
-    suite = load_suite()
-    problem = suite.make_problems(["banana"])["banana"]
-    args = recipe(1000)
-    factories = suite.guide_factories({})
-    gaussian = suite.evaluate(
-        problem, "AutoMultivariateNormal", factories["AutoMultivariateNormal"], args
-    )
-    name = f"AutoFlow({family})"
-    flow = suite.evaluate(problem, name, suite.guide_factories(options)[name], args)
-    assert gaussian["status"] == flow["status"] == "ok"
+    gaussian, flow = gaussian_and_flow("banana", family, options)
     assert flow["kl"] <= 0.5 * gaussian["kl"], (flow["kl"], gaussian["kl"])
 
 
@@ -102,13 +111,5 @@ def test_triangular_default_is_no_worse_than_the_full_covariance_gaussian():
     flows against -59.9 for the Gaussian; the bar asks only for no loss. maf has the
     same layer but samples in 31 sequential passes per draw, so it is left to the suite.)
     """
-    suite = load_suite()
-    problem = suite.make_problems(["logistic"])["logistic"]
-    args = recipe(1000)
-    factories = suite.guide_factories({})
-    gaussian = suite.evaluate(
-        problem, "AutoMultivariateNormal", factories["AutoMultivariateNormal"], args
-    )
-    flow = suite.evaluate(problem, "AutoFlow(iaf)", factories["AutoFlow(iaf)"], args)
-    assert gaussian["status"] == flow["status"] == "ok"
+    gaussian, flow = gaussian_and_flow("logistic", "iaf", {})
     assert flow["elbo"] >= gaussian["elbo"], (flow["elbo"], gaussian["elbo"])
