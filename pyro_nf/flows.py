@@ -46,6 +46,7 @@ __all__ = [
     "cnf",
     "flow_builder",
     "iaf",
+    "layer_coupling_functions",
     "maf",
     "realnvp",
     "permutation_layer",
@@ -319,6 +320,45 @@ def renamed(value: object, old_value: object, name: str, old_name: str, default:
     return old_value
 
 
+#: A coupling function by name or instance, or one per layer.
+CouplingSpec = str | CouplingFunction | Sequence[str | CouplingFunction]
+
+
+def layer_coupling_functions(
+    spec: CouplingSpec, coupling_kwargs: dict | None, num_layers: int
+) -> list[CouplingFunction]:
+    """One coupling function per layer from a builder's ``coupling_function`` argument.
+
+    A name or a :class:`CouplingFunction` serves every layer (built once with
+    ``coupling_kwargs``); a list or tuple gives layer ``i`` its entry ``i`` (for example
+    ``["affine", "spline", "affine"]``), and then settings go into the entries
+    themselves (``RationalQuadraticSpline(num_bins=8)``), not into ``coupling_kwargs``.
+
+    Raises:
+        ValueError: a list whose length is not ``num_layers``, or a list together with
+            ``coupling_kwargs``.
+
+    Example:
+        >>> functions = layer_coupling_functions(["affine", "spline"], None, 2)
+        >>> print(*(type(function).__name__ for function in functions))
+        Affine RationalQuadraticSpline
+    """
+    if isinstance(spec, str | CouplingFunction):
+        return [make_coupling_function(spec, **(coupling_kwargs or {}))] * num_layers
+    entries = list(spec)
+    if len(entries) != num_layers:
+        raise ValueError(
+            f"coupling_function has {len(entries)} entries but the flow has "
+            f"num_layers={num_layers}; give one per layer, or one name for all"
+        )
+    if coupling_kwargs:
+        raise ValueError(
+            "coupling_kwargs apply to a single coupling function; with one per layer, "
+            "pass configured instances instead (e.g. RationalQuadraticSpline(num_bins=8))"
+        )
+    return [make_coupling_function(entry) for entry in entries]
+
+
 def _builder_args(
     dim: object, num_layers: object, context_dim: object, layers_name: str = "num_layers"
 ) -> tuple[int, int, int]:
@@ -346,7 +386,7 @@ def realnvp(
     num_layers: int = 4,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling_function: str | CouplingFunction = "affine",
+    coupling_function: CouplingSpec = "affine",
     coupling_kwargs: dict | None = None,
     activation: str = "relu",
     permutation: str | None = None,
@@ -368,7 +408,8 @@ def realnvp(
         hidden_dims: hidden sizes of each layer's MLP conditioner.
         context_dim: context size for a conditional flow (0: unconditional).
         coupling_function: ``"affine"`` (real NVP), ``"additive"`` (NICE), ``"spline"``
-            (rational-quadratic) or a :class:`CouplingFunction`.
+            (rational-quadratic) or a :class:`CouplingFunction`; or a list of these, one
+            per layer (:func:`layer_coupling_functions`).
         coupling_kwargs: keyword arguments of the coupling function (e.g.
             ``{"num_bins": 16, "bound": 5.0, "tails": "linear"}``, the spline's defaults).
         activation: the conditioners' activation.
@@ -395,9 +436,9 @@ def realnvp(
             f"a coupling flow needs dim >= 2 to split the input in two, got dim={dim}; "
             "use an autoregressive flow (maf/iaf) or a continuous flow (cnf) in one dimension"
         )
-    function = make_coupling_function(coupling_function, **(coupling_kwargs or {}))
+    functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
     layers: list[Transform] = []
-    for i in range(num_layers):
+    for i, function in enumerate(functions):
         if actnorm:
             layers.append(ActNorm(dim))
         layers.append(
@@ -535,7 +576,7 @@ def _autoregressive_flow(
     num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int,
-    coupling_function: str | CouplingFunction,
+    coupling_function: CouplingSpec,
     coupling_kwargs: dict | None,
     permutation: str | None,
     order: str | Sequence[int] | Tensor,
@@ -544,7 +585,7 @@ def _autoregressive_flow(
     seed: int,
 ) -> Flow:
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
-    function = make_coupling_function(coupling_function, **(coupling_kwargs or {}))
+    functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
     layers: list[Transform] = []
     # A fixed permutation between two layers is folded into the orders of the layers
     # after it: with u = v[p], a layer of order pi on u is the layer of order p[pi] on v
@@ -560,7 +601,7 @@ def _autoregressive_flow(
         layers.append(
             layer_class(
                 dim,
-                function,
+                functions[i],
                 hidden_dims=hidden_dims,
                 context_dim=context_dim,
                 order=layer_order,
@@ -592,7 +633,7 @@ def maf(
     num_layers: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling_function: str | CouplingFunction = "affine",
+    coupling_function: CouplingSpec = "affine",
     coupling_kwargs: dict | None = None,
     permutation: str | None = "reverse",
     order: str | Sequence[int] | Tensor = "natural",
@@ -614,7 +655,10 @@ def maf(
         hidden_dims: hidden sizes of each layer's MADE.
         context_dim: context size for a conditional flow (0: unconditional).
         coupling_function: ``"affine"``, ``"additive"``, ``"spline"`` (rational-quadratic) or a
-            :class:`CouplingFunction`.
+            :class:`CouplingFunction`; or a list of these, one per layer (e.g.
+            ``["affine", "spline", "affine", "spline", "affine"]``: spline layers split a
+            coordinate's mass by its own value, affine ones scale it; see
+            :func:`layer_coupling_functions` and ``docs/benchmarks/posteriors.md``).
         coupling_kwargs: keyword arguments of the coupling function (e.g.
             ``{"num_bins": 16, "bound": 5.0, "tails": "linear"}``, the spline's defaults).
         permutation: a glue layer after every layer but the last: ``"reverse"``
@@ -664,7 +708,7 @@ def iaf(
     num_layers: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
     context_dim: int = 0,
-    coupling_function: str | CouplingFunction = "affine",
+    coupling_function: CouplingSpec = "affine",
     coupling_kwargs: dict | None = None,
     permutation: str | None = "reverse",
     order: str | Sequence[int] | Tensor = "natural",

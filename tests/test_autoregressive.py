@@ -500,3 +500,32 @@ def test_spline_maf_in_a_pyro_model_fits_two_moons_well():
     # On two moons a converged flow is 0.84 nats above the best Gaussian (-2.46 vs -3.30
     # held out, docs' density table): a spline MAF with 6000 points must close two thirds of that.
     assert flow_ll > gaussian_ll + 0.55, (flow_ll, gaussian_ll)
+
+
+@pytest.mark.parametrize("builder", [pyro_nf.maf, pyro_nf.iaf, pyro_nf.realnvp])
+def test_one_coupling_function_per_layer(builder):
+    """A list gives layer i its entry i; the flow stays a flow (round trip, finite
+    densities) and the list must match the layers, without ``coupling_kwargs``."""
+    from pyro_nf.transforms import Affine, RationalQuadraticSpline
+    from pyro_nf.transforms.autoregressive import Autoregressive
+    from pyro_nf.transforms.coupling import Coupling
+
+    spline = RationalQuadraticSpline(num_bins=4)
+    flow = builder(
+        3, num_layers=3, hidden_dims=(8,), coupling_function=["affine", spline, "affine"]
+    )
+    layers = [layer for layer in flow.layers if isinstance(layer, Autoregressive | Coupling)]
+    functions = [layer.coupling_function for layer in layers]
+    assert [type(f) for f in functions] == [Affine, RationalQuadraticSpline, Affine]
+    assert functions[1] is spline
+    z = torch.randn(5, 3)
+    with torch.no_grad():
+        x = flow.transform(z)
+        assert torch.allclose(flow.transform.inv(x), z, atol=1e-4)
+        assert bool(torch.isfinite(flow.log_prob(x)).all())
+    with pytest.raises(ValueError, match="one per layer"):
+        builder(3, num_layers=2, coupling_function=["affine", "spline", "affine"])
+    with pytest.raises(ValueError, match="configured instances"):
+        builder(
+            3, num_layers=2, coupling_function=["affine", "spline"], coupling_kwargs={"num_bins": 4}
+        )
