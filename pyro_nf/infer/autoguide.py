@@ -89,7 +89,8 @@ def guide_flow_defaults(family: str, dim: int) -> dict[str, Any]:
     ``"cnf"``: training tolerances ``rtol = atol = 1e-3`` and backpropagation through
     the solver (the builder's ``1e-5`` and adjoint cost about 13x per step on a
     100-dimensional latent), and Hutchinson's trace above
-    :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions.
+    :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions. The guide's own per-family default, the
+    affine layer after the flow, is :data:`GUIDE_AFFINE_DEFAULTS` (not a builder argument).
 
     Example:
         >>> guide_flow_defaults("cnf", 100)["trace"]
