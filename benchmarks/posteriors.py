@@ -6,6 +6,8 @@ Targets (latent dimension D in the unconstrained space):
   in closed form.
 - ``funnel`` (10): Neal's funnel, ``v ~ N(0, 3^2)``, ``x_i | v ~ N(0, e^v)``; closed form.
 - ``bimodal`` (2): an equal mixture of ``N((+-2, 0), 0.5^2 I)``; closed form.
+  ``bimodal@DEG`` (not in the default list) turns the modes' axis by ``DEG`` degrees,
+  to ``+-2 (cos, sin)``: a guide's chance to cover both modes depends on that axis.
 - ``schools_c`` / ``schools_nc`` (10): eight schools, centred and non-centred.
 - ``logistic`` (31): Bayesian logistic regression on the breast-cancer data bundled
   with scikit-learn (30 standardised features and an intercept, ``N(0, 1)`` priors).
@@ -89,19 +91,24 @@ class Problem:
     sd: Tensor | None = None
 
 
-def _bimodal_log_density(x: Tensor, shift: float = 2.0, scale: float = 0.5) -> Tensor:
-    """Log-density of ``0.5 N((-shift, 0), scale^2 I) + 0.5 N((shift, 0), scale^2 I)``."""
-    centre = torch.tensor([shift, 0.0], dtype=x.dtype, device=x.device)
+def _bimodal_log_density(
+    x: Tensor, shift: float = 2.0, scale: float = 0.5, angle: float = 0.0
+) -> Tensor:
+    """Log-density of ``0.5 N(-c, scale^2 I) + 0.5 N(c, scale^2 I)``, with the modes'
+    centre ``c = shift (cos angle, sin angle)`` (``angle`` in degrees)."""
+    radians = math.radians(angle)
+    centre = shift * torch.tensor([math.cos(radians), math.sin(radians)], dtype=x.dtype)
+    centre = centre.to(x.device)
     component = dist.Normal(0.0, scale).expand([2]).to_event(1)
     both = torch.stack([component.log_prob(x - centre), component.log_prob(x + centre)])
     return torch.logsumexp(both, 0) - math.log(2.0)
 
 
-def bimodal_model() -> None:
+def bimodal_model(angle: float = 0.0) -> None:
     """The 2-D mixture as a model: a ``N(0, I)`` site and a factor to the mixture."""
     prior = dist.Normal(0.0, 1.0).expand([2]).to_event(1)
     x = pyro.sample("x", prior)
-    pyro.factor("log_density", _bimodal_log_density(x) - prior.log_prob(x))
+    pyro.factor("log_density", _bimodal_log_density(x, angle=angle) - prior.log_prob(x))
 
 
 SCHOOLS_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
@@ -221,11 +228,13 @@ def make_problems(names: list[str]) -> dict[str, Problem]:
             problem = _closed_form(
                 Problem(name, target.model, 10, target.log_normalizer), [0.0] * 10, sd
             )
-        elif name == "bimodal":
-            # Var x1 = shift^2 + scale^2, Var x2 = scale^2; the density is normalized.
-            problem = _closed_form(
-                Problem(name, bimodal_model, 2, 0.0), [0, 0], [(4 + 0.25) ** 0.5, 0.5]
-            )
+        elif name == "bimodal" or name.startswith("bimodal@"):
+            # Var x_i = shift^2 u_i^2 + scale^2 with u the modes' unit axis; log Z = 0.
+            angle = float(name.partition("@")[2] or 0.0)
+            axis = (math.cos(math.radians(angle)), math.sin(math.radians(angle)))
+            sd = [(4 * u**2 + 0.25) ** 0.5 for u in axis]
+            model = partial(bimodal_model, angle) if angle else bimodal_model
+            problem = _closed_form(Problem(name, model, 2, 0.0), [0, 0], sd)
         elif name == "schools_c":
             problem = load_reference(Problem(name, schools_centred, 10))
         elif name == "schools_nc":

@@ -215,6 +215,45 @@ def test_affine_default_per_family(flow, expected):
     assert AutoFlow(correlated_gaussian_model, flow=lambda dim: None)._affine == "diagonal"
 
 
+def _coupling_function_names(guide: AutoFlow) -> list[str]:
+    return [
+        type(layer.coupling_function).__name__
+        for layer in guide.flow.layers
+        if hasattr(layer, "coupling_function")  # not the glue layers
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flow", "options", "expected"),
+    [
+        ("iaf", {}, ["Affine", "RationalQuadraticSpline"] * 2 + ["Affine"]),
+        ("iaf", {"num_layers": 4}, ["Affine", "RationalQuadraticSpline"] * 2),
+        ("iaf", {"num_layers": 1}, ["Affine"]),
+        ("iaf", {"coupling_function": "affine"}, ["Affine"] * 5),
+        ("iaf", {"coupling": "spline"}, ["RationalQuadraticSpline"] * 5),
+        ("iaf", {"coupling_kwargs": {"log_scale_bound": 2.0}}, ["Affine"] * 5),
+        ("maf", {}, ["Affine"] * 5),
+        ("realnvp", {}, ["Affine"] * 4),
+    ],
+)
+def test_coupling_function_default_per_family(flow, options, expected):
+    """iaf guides interleave spline layers with affine ones (affine first and last) for
+    any number of layers; a coupling argument of the user's replaces the pattern."""
+    pyro.clear_param_store()
+    guide = AutoFlow(correlated_gaussian_model, flow=flow, hidden_dims=(8,), **options)
+    guide()
+    assert _coupling_function_names(guide) == expected
+    if "coupling_kwargs" in options:
+        bounds = [layer.coupling_function.log_scale_bound for layer in guide.flow.layers]
+        assert bounds == [2.0] * 5
+    assert guide.get_posterior().rsample((7,)).shape == (7, 4)  # a working stack
+
+
+def test_bad_num_layers_gets_the_builders_error_not_the_defaults():
+    with pytest.raises(ValueError, match="num_layers"):
+        AutoFlow(correlated_gaussian_model, flow="iaf", num_layers=0)()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

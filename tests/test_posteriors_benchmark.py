@@ -56,6 +56,34 @@ def test_bimodal_reference_and_normalizer():
     assert problem.log_z == 0.0
 
 
+@pytest.mark.parametrize("angle", [45.0, 90.0, 135.0])
+def test_turned_bimodal_target_is_the_same_mixture_on_another_axis(angle):
+    """``bimodal@DEG``: the modes at +-2 (cos, sin) of DEG; its stated moments and its
+    density (normalized, and the rotation of the unturned one) checked by a grid sum."""
+    suite = load_suite()
+    name = f"bimodal@{angle:g}"
+    problem = suite.make_problems([name])[name]
+    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+    log_density = suite._bimodal_log_density(x, angle=angle)
+    weights = log_density.exp() * (grid[1] - grid[0]) ** 2
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+    mean = (weights[..., None] * x).sum((0, 1))
+    sd = ((weights[..., None] * x.pow(2)).sum((0, 1)) - mean.pow(2)).sqrt()
+    assert torch.allclose(mean, torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(sd.float(), problem.sd.float(), atol=1e-4)
+    # Turning x back by the same angle gives the unturned density.
+    radians = math.radians(angle)
+    rotation = torch.tensor(
+        [[math.cos(radians), -math.sin(radians)], [math.sin(radians), math.cos(radians)]],
+        dtype=torch.float64,
+    )
+    points = torch.randn(100, 2, dtype=torch.float64)
+    expected = suite._bimodal_log_density(points)
+    assert torch.allclose(suite._bimodal_log_density(points @ rotation.T, angle=angle), expected)
+    assert problem.log_z == 0.0
+
+
 def test_funnel_reference_matches_exact_draws():
     problem = load_suite().make_problems(["funnel"])["funnel"]
     v = 3.0 * torch.randn(400_000, dtype=torch.float64)

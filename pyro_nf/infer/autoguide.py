@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -47,10 +47,12 @@ __all__ = [
     "GUIDE_AFFINE_DEFAULTS",
     "GUIDE_BASES",
     "GUIDE_GRADIENTS",
+    "GUIDE_SPLINE_INTERLEAVED",
     "AutoFlow",
     "PathDerivativeDistribution",
     "TriangularAffine",
     "guide_flow_defaults",
+    "interleaved_coupling_functions",
     "triangular_scale",
 ]
 
@@ -81,24 +83,74 @@ FLOW_FAMILIES: tuple[str, ...] = tuple(FLOW_BUILDERS)
 CNF_EXACT_TRACE_MAX_DIM = 16
 
 
-def guide_flow_defaults(family: str, dim: int) -> dict[str, Any]:
+#: The named flow families whose guides interleave spline layers with affine ones when
+#: no coupling function is given (:func:`interleaved_coupling_functions`).
+GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
+
+#: Builder arguments that choose the coupling functions; given any of them, a guide
+#: keeps the builder's own choice instead of the interleaved default.
+_COUPLING_ARGUMENTS = frozenset({"coupling_function", "coupling", "coupling_kwargs"})
+
+
+def interleaved_coupling_functions(num_layers: int) -> list[str]:
+    """Affine layers with rational-quadratic spline layers between them.
+
+    Layer ``i`` (from the base) is ``"affine"`` for even ``i`` and ``"spline"`` for odd
+    ``i``, so the first and the last layers are affine: ``["affine", "spline",
+    "affine", "spline", "affine"]`` for five layers.
+
+    Why: an affine layer moves and scales a coordinate given the others but cannot split
+    it by its own sign, so a guide of affine layers that starts near the identity must
+    find a two-mode split through another coordinate, a direction with almost no
+    gradient at the start; a spline layer bends the coordinate itself. The affine
+    layers keep the large, context-dependent changes of scale (a funnel's) that a
+    spline, which maps its interval onto itself, cannot make.
+
+    Example:
+        >>> interleaved_coupling_functions(3)
+        ['affine', 'spline', 'affine']
+    """
+    return ["spline" if i % 2 else "affine" for i in range(num_layers)]
+
+
+def guide_flow_defaults(
+    family: str, dim: int, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The builder arguments ``AutoFlow`` passes for ``family`` unless the user gives them.
 
     Chosen on the posterior suite (``benchmarks/posteriors.py``, table in
     ``docs/benchmarks/posteriors.md``); the builders' own defaults serve density models.
-    ``"cnf"``: training tolerances ``rtol = atol = 1e-3`` and backpropagation through
-    the solver (the builder's ``1e-5`` and adjoint cost about 13x per step on a
-    100-dimensional latent), and Hutchinson's trace above
-    :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions. The guide's own per-family default, the
-    affine layer after the flow, is :data:`GUIDE_AFFINE_DEFAULTS` (not a builder argument).
+    ``options`` are the user's builder arguments, which some defaults depend on.
+
+    - ``"iaf"``: :func:`interleaved_coupling_functions` for the stack's ``num_layers``
+      (the user's, else the builder's), unless the user chose the coupling functions
+      (``coupling_function`` or ``coupling_kwargs``).
+    - ``"cnf"``: training tolerances ``rtol = atol = 1e-3`` and backpropagation through
+      the solver (the builder's ``1e-5`` and adjoint cost about 13x per step on a
+      100-dimensional latent), and Hutchinson's trace above
+      :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions.
+
+    The guide's other per-family default, the affine layer after the flow, is
+    :data:`GUIDE_AFFINE_DEFAULTS` (not a builder argument).
 
     Example:
         >>> guide_flow_defaults("cnf", 100)["trace"]
         'hutchinson'
+        >>> guide_flow_defaults("iaf", 10, {"num_layers": 3})
+        {'coupling_function': ['affine', 'spline', 'affine']}
+        >>> guide_flow_defaults("iaf", 10, {"coupling_function": "affine"})
+        {}
     """
+    options = options or {}
     if family == "cnf":
         trace = "exact" if dim <= CNF_EXACT_TRACE_MAX_DIM else "hutchinson"
         return {"rtol": 1e-3, "atol": 1e-3, "adjoint": False, "trace": trace}
+    if family in GUIDE_SPLINE_INTERLEAVED and not _COUPLING_ARGUMENTS & options.keys():
+        num_layers = options.get(
+            "num_layers", inspect.signature(flow_builder(family)).parameters["num_layers"].default
+        )
+        if isinstance(num_layers, int) and num_layers >= 1:  # else the builder's error
+            return {"coupling_function": interleaved_coupling_functions(num_layers)}
     return {}
 
 
@@ -258,7 +310,8 @@ class AutoFlow(AutoContinuous):
         try:
             built = (
                 flow_builder(spec)(
-                    dim=dim, **{**guide_flow_defaults(spec, dim), **self._flow_kwargs}
+                    dim=dim,
+                    **{**guide_flow_defaults(spec, dim, self._flow_kwargs), **self._flow_kwargs},
                 )
                 if isinstance(spec, str)
                 else spec(dim)
