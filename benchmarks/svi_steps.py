@@ -5,7 +5,10 @@ latents, for D = 2, 10, 100 and 1000, timed side by side, round by round:
 
 - ``AutoFlow(flow="iaf")`` against Pyro's ``AutoIAFNormal`` and against
   ``AutoNormalizingFlow`` with ``iterated(L, affine_autoregressive)`` (both L affine
-  autoregressive layers on ``AutoRegressiveNN`` of the same hidden sizes);
+  autoregressive layers on ``AutoRegressiveNN`` of the same hidden sizes); the
+  default's spline layers between affine ones are timed beside the same architecture
+  as Pyro's, ``coupling_function="affine"`` (with the triangular and the diagonal
+  affine layer);
 - ``AutoFlow(flow="realnvp")`` against ``AutoNormalizingFlow`` with
   ``iterated(L, affine_coupling)`` (D >= 2).
 
@@ -70,18 +73,37 @@ def svi_step(model: Callable[[], None], guide: Callable[..., object]) -> Callabl
     return svi.step
 
 
+def _named(name: str) -> type[AutoFlow]:
+    """``AutoFlow`` under another class name, so that its parameters get their own names
+    in the param store beside the other ``AutoFlow`` columns of a row."""
+    return type(name, (AutoFlow,), {})
+
+
 def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[[], Callable]]]:
     """``{row: {column: guide builder}}``."""
     hidden = hidden_sizes(dim)
     builders: dict[str, dict[str, Callable[[], Callable]]] = {
         f"iaf D={dim}": {
+            # The default: spline layers between affine ones, a triangular affine layer.
             "AutoFlow(iaf)": lambda: AutoFlow(
                 model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden
             ),
-            # The default's triangular affine layer (a D x D product) beside the
-            # diagonal one, so its cost is visible in the same run.
-            "AutoFlow(iaf, diagonal)": lambda: AutoFlow(
-                model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden, affine="diagonal"
+            # Pyro's architecture (affine layers only), with the default's triangular
+            # affine layer (a D x D product) and with the diagonal one.
+            "AutoFlow(iaf, affine)": lambda: _named("AutoFlowAffine")(
+                model,
+                flow="iaf",
+                num_layers=NUM_LAYERS,
+                hidden_dims=hidden,
+                coupling_function="affine",
+            ),
+            "AutoFlow(iaf, affine, diagonal)": lambda: _named("AutoFlowAffineDiagonal")(
+                model,
+                flow="iaf",
+                num_layers=NUM_LAYERS,
+                hidden_dims=hidden,
+                coupling_function="affine",
+                affine="diagonal",
             ),
             "AutoIAFNormal": lambda: AutoIAFNormal(
                 model, hidden_dim=hidden, num_transforms=NUM_LAYERS

@@ -12,6 +12,11 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
+from pyro_nf.infer.autoguide import (
+    GUIDE_SPLINE_MAX_DIM,
+    guide_flow_defaults,
+    interleaved_coupling_functions,
+)
 from pyro_nf.infer.guide_training import MAX_REFUSED_UPDATES
 from pyro_nf.infer.targets import twisted_gaussian
 
@@ -247,6 +252,22 @@ def test_coupling_function_default_per_family(flow, options, expected):
         bounds = [layer.coupling_function.log_scale_bound for layer in guide.flow.layers]
         assert bounds == [2.0] * 5
     assert guide.get_posterior().rsample((7,)).shape == (7, 4)  # a working stack
+
+
+def test_spline_layers_only_up_to_their_dimension():
+    """Above ``GUIDE_SPLINE_MAX_DIM`` latents the iaf guide's layers are all affine."""
+    assert guide_flow_defaults("iaf", GUIDE_SPLINE_MAX_DIM)["coupling_function"] == (
+        interleaved_coupling_functions(5)
+    )
+    assert guide_flow_defaults("iaf", GUIDE_SPLINE_MAX_DIM + 1) == {}
+
+    def wide_model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(GUIDE_SPLINE_MAX_DIM + 1), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(wide_model, flow="iaf", hidden_dims=(40,))
+    guide()
+    assert _coupling_function_names(guide) == ["Affine"] * 5
 
 
 def test_bad_num_layers_gets_the_builders_error_not_the_defaults():

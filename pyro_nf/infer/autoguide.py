@@ -48,6 +48,7 @@ __all__ = [
     "GUIDE_BASES",
     "GUIDE_GRADIENTS",
     "GUIDE_SPLINE_INTERLEAVED",
+    "GUIDE_SPLINE_MAX_DIM",
     "AutoFlow",
     "PathDerivativeDistribution",
     "TriangularAffine",
@@ -87,6 +88,14 @@ CNF_EXACT_TRACE_MAX_DIM = 16
 #: no coupling function is given (:func:`interleaved_coupling_functions`).
 GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
 
+#: Latent dimensions up to which those guides get the spline layers. A spline layer's
+#: conditioner outputs ``D (3K + 1)`` numbers against an affine layer's ``2D``, so the
+#: stack's SVI step costs more as ``D`` grows (``benchmarks/svi_steps.py``, K = 16:
+#: 1.18x the affine stack's at D = 2, 1.47x at 10 and 16, 1.60x at 31, 2.83x at 100),
+#: and on the posterior suite's 31- and 100-dimensional targets the spline layers gained
+#: nothing for that cost (``docs/benchmarks/posteriors.md``).
+GUIDE_SPLINE_MAX_DIM = 16
+
 #: Builder arguments that choose the coupling functions; given any of them, a guide
 #: keeps the builder's own choice instead of the interleaved default.
 _COUPLING_ARGUMENTS = frozenset({"coupling_function", "coupling", "coupling_kwargs"})
@@ -122,9 +131,11 @@ def guide_flow_defaults(
     ``docs/benchmarks/posteriors.md``); the builders' own defaults serve density models.
     ``options`` are the user's builder arguments, which some defaults depend on.
 
-    - ``"iaf"``: :func:`interleaved_coupling_functions` for the stack's ``num_layers``
-      (the user's, else the builder's), unless the user chose the coupling functions
-      (``coupling_function`` or ``coupling_kwargs``).
+    - ``"iaf"`` up to :data:`GUIDE_SPLINE_MAX_DIM` latent dimensions:
+      :func:`interleaved_coupling_functions` for the stack's ``num_layers`` (the
+      user's, else the builder's), unless the user chose the coupling functions
+      (``coupling_function`` or ``coupling_kwargs``). Above it, affine layers only (the
+      builder's default).
     - ``"cnf"``: training tolerances ``rtol = atol = 1e-3`` and backpropagation through
       the solver (the builder's ``1e-5`` and adjoint cost about 13x per step on a
       100-dimensional latent), and Hutchinson's trace above
@@ -140,12 +151,15 @@ def guide_flow_defaults(
         {'coupling_function': ['affine', 'spline', 'affine']}
         >>> guide_flow_defaults("iaf", 10, {"coupling_function": "affine"})
         {}
+        >>> guide_flow_defaults("iaf", 100)
+        {}
     """
     options = options or {}
     if family == "cnf":
         trace = "exact" if dim <= CNF_EXACT_TRACE_MAX_DIM else "hutchinson"
         return {"rtol": 1e-3, "atol": 1e-3, "adjoint": False, "trace": trace}
-    if family in GUIDE_SPLINE_INTERLEAVED and not _COUPLING_ARGUMENTS & options.keys():
+    interleaved = family in GUIDE_SPLINE_INTERLEAVED and dim <= GUIDE_SPLINE_MAX_DIM
+    if interleaved and not _COUPLING_ARGUMENTS & options.keys():
         num_layers = options.get(
             "num_layers", inspect.signature(flow_builder(family)).parameters["num_layers"].default
         )
