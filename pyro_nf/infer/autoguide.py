@@ -243,7 +243,11 @@ class AutoFlow(AutoContinuous):
             NVP it lost the banana, the funnel and the bimodal target in one-seed runs
             (``docs/benchmarks/posteriors.md``).
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
-            ``hidden_dims``), over :func:`guide_flow_defaults`.
+            ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an
+            ``"iaf"`` guide of up to 16 latents alternates affine and spline layers
+            (affine first and last, :func:`interleaved_coupling_functions`), which
+            covers both modes of the posterior suite's two-mode target where affine
+            layers alone keep one; ``coupling_function="affine"`` gives the affine stack.
 
     Raises:
         ValueError: for an unknown flow name, base or gradient, or a non-positive
