@@ -91,7 +91,7 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
 #: Latent dimensions up to which those guides get the spline layers. A spline layer's
 #: conditioner outputs ``D (3K + 1)`` numbers against an affine layer's ``2D``, so the
 #: stack's SVI step costs more as ``D`` grows (``benchmarks/svi_steps.py``, K = 16:
-#: 1.18x the affine stack's at D = 2, 1.47x at 10 and 16, 1.60x at 31, 2.83x at 100),
+#: 1.2-1.4x the affine stack's at D = 2, 1.4-1.5x at 10 and 16, 1.6x at 31, 2.8x at 100),
 #: and on the posterior suite's 31- and 100-dimensional targets the spline layers gained
 #: nothing for that cost (``docs/benchmarks/posteriors.md``).
 GUIDE_SPLINE_MAX_DIM = 16
