@@ -11,10 +11,13 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from pyro_nf.flows import realnvp
 from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
 from pyro_nf.infer.autoguide import (
-    GUIDE_SPLINE_MAX_DIM,
+    GUIDE_SMALL_MAX_DIM,
+    PathDerivativeDistribution,
     guide_flow_defaults,
+    guide_training_defaults,
     interleaved_coupling_functions,
 )
 from pyro_nf.infer.guide_training import MAX_REFUSED_UPDATES
@@ -217,7 +220,39 @@ def test_affine_default_per_family(flow, expected):
     assert hasattr(guide, "scale_tril_offdiag") == (expected == "triangular")
     stored = "AutoFlow.scale_tril_offdiag" in pyro.get_param_store()
     assert stored == (expected == "triangular")
-    assert AutoFlow(correlated_gaussian_model, flow=lambda dim: None)._affine == "diagonal"
+    callable_guide = AutoFlow(
+        correlated_gaussian_model, flow=lambda dim: realnvp(dim, num_layers=2, hidden_dims=(8,))
+    )
+    callable_guide()
+    assert callable_guide._affine == "diagonal"
+
+
+@pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp"])
+def test_training_defaults_by_family_and_latent_size(flow):
+    """realnvp guides above GUIDE_SMALL_MAX_DIM latents get the triangular layer and the
+    path gradient; an explicit argument wins; other families keep theirs."""
+    large = GUIDE_SMALL_MAX_DIM + 1
+
+    def wide_model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(large), 1.0).to_event(1))
+
+    for options, expected in [
+        ({}, guide_training_defaults(flow, large)),
+        ({"affine": "diagonal", "gradient": "total"}, {"affine": "diagonal", "gradient": "total"}),
+    ]:
+        pyro.clear_param_store()
+        guide = AutoFlow(wide_model, flow=flow, num_layers=2, hidden_dims=(40,), **options)
+        guide()
+        assert guide._affine == expected["affine"]
+        assert hasattr(guide, "scale_tril_offdiag") == (expected["affine"] == "triangular")
+        path = isinstance(guide.get_posterior(), PathDerivativeDistribution)
+        assert path == (expected["gradient"] == "path")
+    realnvp_large = flow == "realnvp"
+    assert guide_training_defaults(flow, large) == {
+        "affine": "triangular" if realnvp_large or flow in ("iaf", "maf") else "diagonal",
+        "gradient": "path" if realnvp_large else "total",
+    }
+    assert guide_training_defaults(flow, GUIDE_SMALL_MAX_DIM)["gradient"] == "total"
 
 
 def _coupling_function_names(guide: AutoFlow) -> list[str]:
@@ -255,14 +290,14 @@ def test_coupling_function_default_per_family(flow, options, expected):
 
 
 def test_spline_layers_only_up_to_their_dimension():
-    """Above ``GUIDE_SPLINE_MAX_DIM`` latents the iaf guide's layers are all affine."""
-    assert guide_flow_defaults("iaf", GUIDE_SPLINE_MAX_DIM)["coupling_function"] == (
+    """Above ``GUIDE_SMALL_MAX_DIM`` latents the iaf guide's layers are all affine."""
+    assert guide_flow_defaults("iaf", GUIDE_SMALL_MAX_DIM)["coupling_function"] == (
         interleaved_coupling_functions(5)
     )
-    assert guide_flow_defaults("iaf", GUIDE_SPLINE_MAX_DIM + 1) == {}
+    assert guide_flow_defaults("iaf", GUIDE_SMALL_MAX_DIM + 1) == {}
 
     def wide_model() -> None:
-        pyro.sample("x", dist.Normal(torch.zeros(GUIDE_SPLINE_MAX_DIM + 1), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(torch.zeros(GUIDE_SMALL_MAX_DIM + 1), 1.0).to_event(1))
 
     pyro.clear_param_store()
     guide = AutoFlow(wide_model, flow="iaf", hidden_dims=(40,))

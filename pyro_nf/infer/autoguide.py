@@ -48,11 +48,12 @@ __all__ = [
     "GUIDE_BASES",
     "GUIDE_GRADIENTS",
     "GUIDE_SPLINE_INTERLEAVED",
-    "GUIDE_SPLINE_MAX_DIM",
+    "GUIDE_SMALL_MAX_DIM",
     "AutoFlow",
     "PathDerivativeDistribution",
     "TriangularAffine",
     "guide_flow_defaults",
+    "guide_training_defaults",
     "interleaved_coupling_functions",
     "triangular_scale",
 ]
@@ -88,13 +89,19 @@ CNF_EXACT_TRACE_MAX_DIM = 16
 #: no coupling function is given (:func:`interleaved_coupling_functions`).
 GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
 
-#: Latent dimensions up to which those guides get the spline layers. A spline layer's
-#: conditioner outputs ``D (3K + 1)`` numbers against an affine layer's ``2D``, so the
-#: stack's SVI step costs more as ``D`` grows (``benchmarks/svi_steps.py``, K = 16:
-#: 1.2-1.4x the affine stack's at D = 2, 1.4-1.5x at 10 and 16, 1.6x at 31, 2.8x at 100),
-#: and on the posterior suite's 31- and 100-dimensional targets the spline layers gained
-#: nothing for that cost (``docs/benchmarks/posteriors.md``).
-GUIDE_SPLINE_MAX_DIM = 16
+#: The largest latent dimension that gets the small-latent guide defaults; above it the
+#: defaults change (:func:`guide_flow_defaults`, :func:`guide_training_defaults`):
+#:
+#: - iaf guides lose their spline layers. A spline layer's conditioner outputs
+#:   ``D (3K + 1)`` numbers against an affine layer's ``2D``, so the stack's SVI step
+#:   costs more as ``D`` grows (``benchmarks/svi_steps.py``, K = 16: 1.2-1.4x the affine
+#:   stack's at D = 2, 1.4-1.5x at 10 and 16, 1.6x at 31, 2.8x at 100), and on the
+#:   posterior suite's 31- and 100-dimensional targets they gained nothing for that cost.
+#: - realnvp guides get the triangular affine layer and the path-derivative gradient,
+#:   which together put them ahead of Pyro's best guide on those two targets (1.3 to 2.1
+#:   nats ahead of the diagonal layer and the total gradient), where each alone, and
+#:   the pair on the small targets, lost (``docs/benchmarks/posteriors.md``).
+GUIDE_SMALL_MAX_DIM = 16
 
 #: Builder arguments that choose the coupling functions; given any of them, a guide
 #: keeps the builder's own choice instead of the interleaved default.
@@ -122,6 +129,26 @@ def interleaved_coupling_functions(num_layers: int) -> list[str]:
     return ["spline" if i % 2 else "affine" for i in range(num_layers)]
 
 
+def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
+    """The ``affine`` layer and the ``gradient`` a guide gets when the user gives neither.
+
+    ``family`` is the flow's name, or ``None`` for a flow callable. ``affine``:
+    :data:`GUIDE_AFFINE_DEFAULTS` (``"triangular"`` for iaf and maf, else
+    ``"diagonal"``); ``gradient``: ``"total"``. Above :data:`GUIDE_SMALL_MAX_DIM`
+    latents a ``"realnvp"`` guide gets ``"triangular"`` and ``"path"`` instead.
+
+    Example:
+        >>> guide_training_defaults("realnvp", 10)
+        {'affine': 'diagonal', 'gradient': 'total'}
+        >>> guide_training_defaults("realnvp", 31)
+        {'affine': 'triangular', 'gradient': 'path'}
+    """
+    if family == "realnvp" and dim > GUIDE_SMALL_MAX_DIM:
+        return {"affine": "triangular", "gradient": "path"}
+    affine = GUIDE_AFFINE_DEFAULTS.get(family, "diagonal") if family else "diagonal"
+    return {"affine": affine, "gradient": "total"}
+
+
 def guide_flow_defaults(
     family: str, dim: int, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -131,7 +158,7 @@ def guide_flow_defaults(
     ``docs/benchmarks/posteriors.md``); the builders' own defaults serve density models.
     ``options`` are the user's builder arguments, which some defaults depend on.
 
-    - ``"iaf"`` up to :data:`GUIDE_SPLINE_MAX_DIM` latent dimensions:
+    - ``"iaf"`` up to :data:`GUIDE_SMALL_MAX_DIM` latent dimensions:
       :func:`interleaved_coupling_functions` for the stack's ``num_layers`` (the
       user's, else the builder's), unless the user chose the coupling functions
       (``coupling_function`` or ``coupling_kwargs``). Above it, affine layers only (the
@@ -158,7 +185,7 @@ def guide_flow_defaults(
     if family == "cnf":
         trace = "exact" if dim <= CNF_EXACT_TRACE_MAX_DIM else "hutchinson"
         return {"rtol": 1e-3, "atol": 1e-3, "adjoint": False, "trace": trace}
-    interleaved = family in GUIDE_SPLINE_INTERLEAVED and dim <= GUIDE_SPLINE_MAX_DIM
+    interleaved = family in GUIDE_SPLINE_INTERLEAVED and dim <= GUIDE_SMALL_MAX_DIM
     if interleaved and not _COUPLING_ARGUMENTS & options.keys():
         num_layers = options.get(
             "num_layers", inspect.signature(flow_builder(family)).parameters["num_layers"].default
@@ -220,27 +247,29 @@ class AutoFlow(AutoContinuous):
             ``"student_t"``, independent ``StudentT(nu_d, 0, 1)`` with learned degrees
             of freedom ``nu_d > 1`` (starting at 10, parameter ``base_df``) for
             heavy-tailed posteriors such as funnels.
-        gradient: ``"total"`` (default: the reparametrized gradient of
-            ``log p - log q``) or ``"path"``: the path derivative ("sticking the
-            landing"), which scores each draw with the parameters detached
-            (:class:`PathDerivativeDistribution`): the same ELBO value, an unbiased
-            gradient, and no score-term noise as ``q`` approaches the posterior. The
-            scoring runs the flow's inverse: one pass per layer for ``"realnvp"`` and
-            ``"maf"``, ``D`` sequential passes per layer for ``"iaf"``. On the
-            posterior suite ``"path"`` puts real NVP ahead on six of seven targets
-            (+1.3 nats on the logistic regression) but covers one mode of the bimodal
-            target more often, so it is an option, not the default
+        gradient: ``"total"`` (the reparametrized gradient of ``log p - log q``) or
+            ``"path"``: the path derivative ("sticking the landing"), which scores each
+            draw with the parameters detached (:class:`PathDerivativeDistribution`): the
+            same ELBO value, an unbiased gradient, and no score-term noise as ``q``
+            approaches the posterior. The scoring runs the flow's inverse: one pass per
+            layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per layer for
+            ``"iaf"``. The default (``None``, :func:`guide_training_defaults`) is
+            ``"path"`` for ``"realnvp"`` above 16 latents and ``"total"`` otherwise: on
+            the posterior suite ``"path"`` with the triangular layer puts real NVP ahead
+            of Pyro's best guide on the 31- and 100-latent targets, while on the small
+            ones ``"path"`` covers one mode of the bimodal target more often
             (``docs/benchmarks/posteriors.md``).
         affine: the scale ``L`` of the affine layer after the flow: ``"diagonal"``
             (``diag(sigma)``) or ``"triangular"`` (``diag(sigma) (I + W / sqrt(D))``
             with a learned strictly lower-triangular ``W``, parameter
             ``scale_tril_offdiag``; see :func:`triangular_scale`). The default (``None``)
-            is ``"triangular"`` for ``"iaf"`` and ``"maf"`` and ``"diagonal"`` for
-            ``"realnvp"``, ``"cnf"`` and callables (:data:`GUIDE_AFFINE_DEFAULTS`). On the
-            posterior suite the triangular layer puts iaf ahead of Pyro's best guide on
-            the 31-coefficient logistic regression (it was 0.3 nats behind) and changes
-            the other targets of iaf by less than their seed-to-seed noise; for real
-            NVP it lost the banana, the funnel and the bimodal target in one-seed runs
+            is ``"triangular"`` for ``"iaf"`` and ``"maf"``, and for ``"realnvp"``
+            above 16 latents; ``"diagonal"`` for smaller ``"realnvp"`` guides, ``"cnf"``
+            and callables (:func:`guide_training_defaults`). On the posterior suite the
+            triangular layer puts iaf ahead of Pyro's best guide on the 31-coefficient
+            logistic regression (it was 0.3 nats behind) and changes the other targets of
+            iaf by less than their seed-to-seed noise; for real NVP it lost the banana,
+            the funnel and the bimodal target in one-seed runs
             (``docs/benchmarks/posteriors.md``).
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an
@@ -284,23 +313,19 @@ class AutoFlow(AutoContinuous):
         init_scale: float = 1.0,
         *,
         base: str = "normal",
-        gradient: str = "total",
+        gradient: str | None = None,
         affine: str | None = None,
         **flow_kwargs: Any,
     ) -> None:
-        if affine is None:
-            affine = (
-                GUIDE_AFFINE_DEFAULTS.get(flow, "diagonal") if isinstance(flow, str) else "diagonal"
-            )
-        if affine not in GUIDE_AFFINES:
+        if affine is not None and affine not in GUIDE_AFFINES:
             raise ValueError(f"affine must be one of {GUIDE_AFFINES}, got {affine!r}")
-        self._affine = affine
         if base not in GUIDE_BASES:
             raise ValueError(f"base must be one of {GUIDE_BASES}, got {base!r}")
-        if gradient not in GUIDE_GRADIENTS:
+        if gradient is not None and gradient not in GUIDE_GRADIENTS:
             raise ValueError(f"gradient must be one of {GUIDE_GRADIENTS}, got {gradient!r}")
         self._base = base
-        self._gradient = gradient
+        # ``None``: chosen by guide_training_defaults when the latent size is known.
+        self._affine_option, self._gradient_option = affine, gradient
         if isinstance(flow, str):
             try:
                 inspect.signature(flow_builder(flow)).bind(dim=1, **flow_kwargs)
@@ -358,6 +383,10 @@ class AutoFlow(AutoContinuous):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         init_loc = self._init_loc()
+        family = self._flow_spec if isinstance(self._flow_spec, str) else None
+        defaults = guide_training_defaults(family, self.latent_dim)
+        self._affine = self._affine_option or defaults["affine"]
+        self._gradient = self._gradient_option or defaults["gradient"]
         built = self._build_flow(self.latent_dim)
         if isinstance(built, nn.Module):
             # Parameters and buffers follow the model's init locations (device, dtype).
