@@ -82,28 +82,21 @@ def _named(name: str) -> type[AutoFlow]:
 def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[[], Callable]]]:
     """``{row: {column: guide builder}}``."""
     hidden = hidden_sizes(dim)
+
+    def iaf_guide(name: str, **options: object) -> Callable[[], Callable]:
+        return lambda: _named(name)(
+            model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden, **options
+        )
+
     builders: dict[str, dict[str, Callable[[], Callable]]] = {
         f"iaf D={dim}": {
-            # The default: spline layers between affine ones, a triangular affine layer.
-            "AutoFlow(iaf)": lambda: AutoFlow(
-                model, flow="iaf", num_layers=NUM_LAYERS, hidden_dims=hidden
-            ),
-            # Pyro's architecture (affine layers only), with the default's triangular
+            # The default (up to 16 latents: spline layers between affine ones), then
+            # Pyro's architecture (affine layers only) with the default's triangular
             # affine layer (a D x D product) and with the diagonal one.
-            "AutoFlow(iaf, affine)": lambda: _named("AutoFlowAffine")(
-                model,
-                flow="iaf",
-                num_layers=NUM_LAYERS,
-                hidden_dims=hidden,
-                coupling_function="affine",
-            ),
-            "AutoFlow(iaf, affine, diagonal)": lambda: _named("AutoFlowAffineDiagonal")(
-                model,
-                flow="iaf",
-                num_layers=NUM_LAYERS,
-                hidden_dims=hidden,
-                coupling_function="affine",
-                affine="diagonal",
+            "AutoFlow(iaf)": iaf_guide("AutoFlow"),
+            "AutoFlow(iaf, affine)": iaf_guide("AutoFlowAffine", coupling_function="affine"),
+            "AutoFlow(iaf, affine, diagonal)": iaf_guide(
+                "AutoFlowAffineDiagonal", coupling_function="affine", affine="diagonal"
             ),
             "AutoIAFNormal": lambda: AutoIAFNormal(
                 model, hidden_dim=hidden, num_transforms=NUM_LAYERS
