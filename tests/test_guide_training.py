@@ -229,8 +229,8 @@ def test_affine_default_per_family(flow, expected):
 
 @pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp"])
 def test_training_defaults_by_family_and_latent_size(flow):
-    """realnvp guides above GUIDE_SMALL_MAX_DIM latents get the triangular layer and the
-    path gradient; an explicit argument wins; other families keep theirs."""
+    """realnvp and maf guides above GUIDE_SMALL_MAX_DIM latents get the triangular layer
+    and the path gradient; an explicit argument wins; iaf keeps the total gradient."""
     large = GUIDE_SMALL_MAX_DIM + 1
 
     def wide_model() -> None:
@@ -247,10 +247,9 @@ def test_training_defaults_by_family_and_latent_size(flow):
         assert hasattr(guide, "scale_tril_offdiag") == (expected["affine"] == "triangular")
         path = isinstance(guide.get_posterior(), PathDerivativeDistribution)
         assert path == (expected["gradient"] == "path")
-    realnvp_large = flow == "realnvp"
     assert guide_training_defaults(flow, large) == {
-        "affine": "triangular" if realnvp_large or flow in ("iaf", "maf") else "diagonal",
-        "gradient": "path" if realnvp_large else "total",
+        "affine": "triangular",
+        "gradient": "path" if flow in ("realnvp", "maf") else "total",
     }
     assert guide_training_defaults(flow, GUIDE_SMALL_MAX_DIM)["gradient"] == "total"
 

@@ -47,6 +47,7 @@ __all__ = [
     "GUIDE_AFFINE_DEFAULTS",
     "GUIDE_BASES",
     "GUIDE_GRADIENTS",
+    "GUIDE_PATH_LARGE",
     "GUIDE_SPLINE_INTERLEAVED",
     "GUIDE_SMALL_MAX_DIM",
     "AutoFlow",
@@ -99,9 +100,16 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
 #:   posterior suite's 31- and 100-dimensional targets they gained nothing for that cost.
 #: - realnvp guides get the triangular affine layer and the path-derivative gradient,
 #:   which together put them ahead of Pyro's best guide on those two targets (1.3 to 2.1
-#:   nats ahead of the diagonal layer and the total gradient), where each alone, and
-#:   the pair on the small targets, lost (``docs/benchmarks/posteriors.md``).
+#:   nats ahead of the diagonal layer and the total gradient), where each alone lost
+#:   on the small targets; maf guides (triangular already) get the path gradient, 0.6
+#:   and 1.7 nats ahead of the total gradient there (``docs/benchmarks/posteriors.md``).
 GUIDE_SMALL_MAX_DIM = 16
+
+#: The named flow families whose guides above :data:`GUIDE_SMALL_MAX_DIM` latents get the
+#: triangular affine layer and the path-derivative gradient (:func:`guide_training_defaults`).
+#: Both score a draw's path gradient with one pass of their cheap density direction (an
+#: iaf guide would pay ``D`` sequential passes per layer for it).
+GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf")
 
 #: Builder arguments that choose the coupling functions; given any of them, a guide
 #: keeps the builder's own choice instead of the interleaved default.
@@ -135,7 +143,8 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
     ``family`` is the flow's name, or ``None`` for a flow callable. ``affine``:
     :data:`GUIDE_AFFINE_DEFAULTS` (``"triangular"`` for iaf and maf, else
     ``"diagonal"``); ``gradient``: ``"total"``. Above :data:`GUIDE_SMALL_MAX_DIM`
-    latents a ``"realnvp"`` guide gets ``"triangular"`` and ``"path"`` instead.
+    latents the families of :data:`GUIDE_PATH_LARGE` (``"realnvp"`` and ``"maf"``) get
+    ``"triangular"`` and ``"path"`` instead.
 
     Example:
         >>> guide_training_defaults("realnvp", 10)
@@ -143,7 +152,7 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
         >>> guide_training_defaults("realnvp", 31)
         {'affine': 'triangular', 'gradient': 'path'}
     """
-    if family == "realnvp" and dim > GUIDE_SMALL_MAX_DIM:
+    if family in GUIDE_PATH_LARGE and dim > GUIDE_SMALL_MAX_DIM:
         return {"affine": "triangular", "gradient": "path"}
     affine = GUIDE_AFFINE_DEFAULTS.get(family, "diagonal") if family else "diagonal"
     return {"affine": affine, "gradient": "total"}
@@ -254,11 +263,11 @@ class AutoFlow(AutoContinuous):
             approaches the posterior. The scoring runs the flow's inverse: one pass per
             layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per layer for
             ``"iaf"``. The default (``None``, :func:`guide_training_defaults`) is
-            ``"path"`` for ``"realnvp"`` above 16 latents and ``"total"`` otherwise: on
-            the posterior suite ``"path"`` with the triangular layer puts real NVP ahead
-            of Pyro's best guide on the 31- and 100-latent targets, while on the small
-            ones ``"path"`` covers one mode of the bimodal target more often
-            (``docs/benchmarks/posteriors.md``).
+            ``"path"`` for ``"realnvp"`` and ``"maf"`` above 16 latents and ``"total"``
+            otherwise: on the posterior suite ``"path"`` with the triangular layer puts
+            real NVP and MAF ahead of Pyro's best guide on the 31- and 100-latent
+            targets, while on the small ones ``"path"`` covers one mode of the bimodal
+            target more often (``docs/benchmarks/posteriors.md``).
         affine: the scale ``L`` of the affine layer after the flow: ``"diagonal"``
             (``diag(sigma)``) or ``"triangular"`` (``diag(sigma) (I + W / sqrt(D))``
             with a learned strictly lower-triangular ``W``, parameter
