@@ -12,7 +12,10 @@ location ``mu`` starts at the model's init location and whose lower-triangular s
 ``L`` starts at ``init_scale`` (1.0) times the identity: the guide starts as a
 standard-width Gaussian at a sensible point and the flow learns the shape. ``L`` is
 diagonal (``affine="diagonal"``) or lower triangular (``affine="triangular"``, the
-default of the autoregressive families): a full-covariance Gaussian around the flow.
+default of the autoregressive families, and of real NVP above 16 latents): a
+full-covariance Gaussian around the flow. The defaults that depend on the family and the
+latent size (the layers' coupling functions, the affine layer, the gradient estimator)
+are :func:`guide_flow_defaults` and :func:`guide_training_defaults`.
 
 The amortized guide of local latents, :class:`~pyro_nf.infer.amortized.AmortizedFlowGuide`,
 lives in :mod:`pyro_nf.infer.amortized`.
@@ -67,7 +70,8 @@ GUIDE_AFFINES: tuple[str, ...] = ("diagonal", "triangular")
 
 #: The final affine layer of a named flow family when ``affine`` is not given, chosen on
 #: the posterior suite (``docs/benchmarks/posteriors.md``); every other flow gets
-#: ``"diagonal"``.
+#: ``"diagonal"``, except the larger guides of :data:`GUIDE_PATH_LARGE`
+#: (:func:`guide_training_defaults`).
 GUIDE_AFFINE_DEFAULTS: dict[str, str] = {"iaf": "triangular", "maf": "triangular"}
 
 #: The gradient estimators ``AutoFlow(model, gradient=...)`` accepts.

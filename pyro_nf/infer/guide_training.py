@@ -44,7 +44,7 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "num_particles": 8,
         "lr": 1e-2,
         "final_lr": 1e-3,
-        "gradient": "total",
+        "gradient": None,  # AutoFlow's default for the family and latent size
     },
     "high": {
         "flow": "realnvp",
@@ -103,7 +103,9 @@ def fit_guide(
         flow, flow_options: the guide's family and builder options (with
             ``AutoFlow``'s own ``init_scale``, ``base`` and ``init_loc_fn``).
         steps, num_particles, lr, final_lr: the optimization.
-        gradient: ``"total"`` or ``"path"`` (see :class:`AutoFlow`).
+        gradient: ``"total"`` or ``"path"`` (see :class:`AutoFlow`); with the
+            ``"default"`` budget, ``AutoFlow``'s own default (``"path"`` for realnvp and
+            maf above 16 latents, else ``"total"``).
         max_plate_nesting: the model's plate depth (guessed by Pyro when None).
         losses: a list that receives the loss (negative ELBO estimate) of every step.
 
