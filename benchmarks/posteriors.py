@@ -91,15 +91,22 @@ class Problem:
     sd: Tensor | None = None
 
 
-def _bimodal_log_density(
-    x: Tensor, shift: float = 2.0, scale: float = 0.5, angle: float = 0.0
-) -> Tensor:
-    """Log-density of ``0.5 N(-c, scale^2 I) + 0.5 N(c, scale^2 I)``, with the modes'
-    centre ``c = shift (cos angle, sin angle)`` (``angle`` in degrees)."""
+#: The two-mode target: modes at +-BIMODAL_SHIFT along its axis, each N(., BIMODAL_SCALE^2 I).
+BIMODAL_SHIFT, BIMODAL_SCALE = 2.0, 0.5
+
+
+def _bimodal_axis(angle: float) -> tuple[float, float]:
+    """The unit vector of the modes' axis, ``(cos, sin)`` of ``angle`` degrees."""
     radians = math.radians(angle)
-    centre = shift * torch.tensor([math.cos(radians), math.sin(radians)], dtype=x.dtype)
-    centre = centre.to(x.device)
-    component = dist.Normal(0.0, scale).expand([2]).to_event(1)
+    return math.cos(radians), math.sin(radians)
+
+
+def _bimodal_log_density(x: Tensor, angle: float = 0.0) -> Tensor:
+    """Log-density of ``0.5 N(-c, s^2 I) + 0.5 N(c, s^2 I)``, with the modes' centre
+    ``c = BIMODAL_SHIFT (cos angle, sin angle)`` (``angle`` in degrees) and
+    ``s = BIMODAL_SCALE``."""
+    centre = BIMODAL_SHIFT * torch.tensor(_bimodal_axis(angle), dtype=x.dtype).to(x.device)
+    component = dist.Normal(0.0, BIMODAL_SCALE).expand([2]).to_event(1)
     both = torch.stack([component.log_prob(x - centre), component.log_prob(x + centre)])
     return torch.logsumexp(both, 0) - math.log(2.0)
 
@@ -231,8 +238,7 @@ def make_problems(names: list[str]) -> dict[str, Problem]:
         elif name == "bimodal" or name.startswith("bimodal@"):
             # Var x_i = shift^2 u_i^2 + scale^2 with u the modes' unit axis; log Z = 0.
             angle = float(name.partition("@")[2] or 0.0)
-            axis = (math.cos(math.radians(angle)), math.sin(math.radians(angle)))
-            sd = [(4 * u**2 + 0.25) ** 0.5 for u in axis]
+            sd = [math.hypot(BIMODAL_SHIFT * u, BIMODAL_SCALE) for u in _bimodal_axis(angle)]
             model = partial(bimodal_model, angle) if angle else bimodal_model
             problem = _closed_form(Problem(name, model, 2, 0.0), [0, 0], sd)
         elif name == "schools_c":

@@ -103,9 +103,9 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf",)
 #:   stack's at D = 2, 1.4-1.5x at 10 and 16, 1.6x at 31, 2.8x at 100), and on the
 #:   posterior suite's 31- and 100-dimensional targets they gained nothing for that cost.
 #: - realnvp guides get the triangular affine layer and the path-derivative gradient,
-#:   which together put them ahead of Pyro's best guide on those two targets (1.3 to 2.1
-#:   nats ahead of the diagonal layer and the total gradient), where each alone lost
-#:   on the small targets; maf guides (triangular already) get the path gradient, 0.6
+#:   which together put them ahead of Pyro's best guide on those two targets (1.9 and
+#:   1.3 nats ahead of the diagonal layer and the total gradient at seed 0), where each
+#:   alone lost on the small targets; maf guides (triangular already) get the path gradient, 0.6
 #:   and 1.7 nats ahead of the total gradient there (``docs/benchmarks/posteriors.md``).
 GUIDE_SMALL_MAX_DIM = 16
 
@@ -158,8 +158,7 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
     """
     if family in GUIDE_PATH_LARGE and dim > GUIDE_SMALL_MAX_DIM:
         return {"affine": "triangular", "gradient": "path"}
-    affine = GUIDE_AFFINE_DEFAULTS.get(family, "diagonal") if family else "diagonal"
-    return {"affine": affine, "gradient": "total"}
+    return {"affine": GUIDE_AFFINE_DEFAULTS.get(family, "diagonal"), "gradient": "total"}
 
 
 def guide_flow_defaults(
@@ -181,8 +180,8 @@ def guide_flow_defaults(
       100-dimensional latent), and Hutchinson's trace above
       :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions.
 
-    The guide's other per-family default, the affine layer after the flow, is
-    :data:`GUIDE_AFFINE_DEFAULTS` (not a builder argument).
+    The guide's own defaults, the affine layer after the flow and the gradient
+    estimator, are :func:`guide_training_defaults` (not builder arguments).
 
     Example:
         >>> guide_flow_defaults("cnf", 100)["trace"]
