@@ -477,6 +477,7 @@ def cnf(
     num_blocks: int | None = None,
     final_init_scale: float = 1e-2,
     init: str = "preserve",
+    state_scale: bool = False,
     dynamics: Callable[[], nn.Module] | None = None,
 ) -> Flow:
     r"""A continuous normalizing flow (FFJORD): ``num_layers`` ODE transforms in a row.
@@ -512,12 +513,16 @@ def cnf(
         init: the dynamics' hidden-layer initialisation, ``"preserve"`` (default: the
             input's variation reaches the last hidden layer) or ``"torch"`` (PyTorch's
             ``nn.Linear`` init, the default before; see :class:`~pyro_nf.nn.ODEDynamics`).
+        state_scale: fields of the form :math:`s(z, t) \odot z + m(z, t)`, which scale
+            each coordinate by a factor that depends on the others (a funnel's
+            :math:`e^{v/2}`; see :class:`~pyro_nf.nn.ODEDynamics`). ``AutoFlow``'s cnf
+            guides use them.
         dynamics: a factory called once per block for its vector field, e.g.
             ``lambda: ODEDynamics(2, (64, 64, 64), activation="softplus")``; it must
             take ``(t, z)`` (and the context when ``context_dim > 0``) and have
             ``dim`` (and ``context_dim``) attributes equal to the flow's when it has
-            them. With it, ``hidden_dims``, ``activation``, ``final_init_scale`` and
-            ``init`` are not used.
+            them. With it, ``hidden_dims``, ``activation``, ``final_init_scale``,
+            ``init`` and ``state_scale`` are not used.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -547,6 +552,7 @@ def cnf(
                 activation,
                 final_init_scale=final_init_scale,
                 init=init,
+                state_scale=state_scale,
             )
         else:
             field = dynamics()

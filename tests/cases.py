@@ -6,6 +6,7 @@ Adding a transform to the package means adding one entry here: a readable id and
 
 from __future__ import annotations
 
+from pyro_nf.nn import ODEDynamics
 from pyro_nf.testing import TransformContract
 from pyro_nf.transforms import (
     ActNorm,
@@ -131,6 +132,16 @@ CASES: dict[str, TransformContract] = {
     "cnf-exact": TransformContract(_continuous(), CNF_DIM, **ODE_TOLERANCES),
     "cnf-conditional": TransformContract(
         _continuous(CONTEXT_DIM), CNF_DIM, CONTEXT_DIM, **ODE_TOLERANCES
+    ),
+    "cnf-state-scale": TransformContract(
+        lambda: ContinuousFlow(
+            CNF_DIM,
+            ODEDynamics(CNF_DIM, hidden_dims=(8,), state_scale=True),
+            rtol=1e-10,
+            atol=1e-10,
+        ),
+        CNF_DIM,
+        **ODE_TOLERANCES,
     ),
     "cnf-learned-time-softplus": TransformContract(
         _continuous(learn_time=True, time=0.5, activation="softplus"), CNF_DIM, **ODE_TOLERANCES

@@ -412,6 +412,34 @@ def test_hidden_layers_pass_on_the_variation_of_their_input(activation):
         ODEDynamics(2, init="xavier")
 
 
+def test_state_scale_field_multiplies_the_state():
+    """With ``state_scale=True`` the field is s * z + m: a constant rate c (and m = 0)
+    makes the flow x = z e^{cT} with log|det| = D c T, to the solver's tolerance."""
+    dim, rate, time = 3, 0.7, 1.5
+    field = ODEDynamics(dim, hidden_dims=(8,), state_scale=True).double()
+    final = field.layers[-1]
+    with torch.no_grad():
+        final.linear.weight.zero_()
+        final.linear.bias.copy_(torch.cat([torch.full((dim,), rate), torch.zeros(dim)]))
+        final.hyper.weight.zero_()
+        final.hyper.bias.copy_(torch.cat([torch.full((2 * dim,), 50.0), torch.zeros(2 * dim)]))
+    flow = ContinuousFlow(dim, field, time=time, **TIGHT).double()
+    z = torch.randn(5, dim, dtype=torch.float64)
+    x = flow(z)
+    torch.testing.assert_close(x, z * math.exp(rate * time), rtol=1e-7, atol=1e-7)
+    log_det = flow.log_abs_det_jacobian(z, x)
+    torch.testing.assert_close(log_det, torch.full((5,), dim * rate * time, dtype=torch.float64))
+    assert "state_scale=True" in repr(field)
+
+
+def test_cnf_builder_passes_state_scale():
+    flow = pyro_nf.cnf(2, hidden_dims=(8,), state_scale=True)
+    assert flow.layers[0].dynamics.state_scale
+    assert not pyro_nf.cnf(2, hidden_dims=(8,)).layers[0].dynamics.state_scale
+    z = torch.randn(10, 2)
+    assert (flow.transform(z) - z).abs().max() < 0.05  # near the identity at the start
+
+
 def test_cnf_starts_near_identity():
     flow = pyro_nf.cnf(3, hidden_dims=(16, 16))
     z = torch.randn(10, 3)

@@ -271,13 +271,15 @@ def _coupling_function_names(guide: AutoFlow) -> list[str]:
         ("iaf", {"coupling_function": "affine"}, ["Affine"] * 5),
         ("iaf", {"coupling": "spline"}, ["RationalQuadraticSpline"] * 5),
         ("iaf", {"coupling_kwargs": {"log_scale_bound": 2.0}}, ["Affine"] * 5),
-        ("maf", {}, ["Affine"] * 5),
+        ("maf", {}, ["Affine", "RationalQuadraticSpline"] * 2 + ["Affine"]),
+        ("maf", {"coupling_function": "affine"}, ["Affine"] * 5),
         ("realnvp", {}, ["Affine"] * 4),
     ],
 )
 def test_coupling_function_default_per_family(flow, options, expected):
-    """iaf guides interleave spline layers with affine ones (affine first and last) for
-    any number of layers; a coupling argument of the user's replaces the pattern."""
+    """iaf and maf guides interleave spline layers with affine ones (affine first and
+    last) for any number of layers; a coupling argument of the user's replaces the
+    pattern; realnvp guides keep affine couplings."""
     pyro.clear_param_store()
     guide = AutoFlow(correlated_gaussian_model, flow=flow, hidden_dims=(8,), **options)
     guide()
@@ -288,18 +290,19 @@ def test_coupling_function_default_per_family(flow, options, expected):
     assert guide.get_posterior().rsample((7,)).shape == (7, 4)  # a working stack
 
 
-def test_spline_layers_only_up_to_their_dimension():
-    """Above ``GUIDE_SMALL_MAX_DIM`` latents the iaf guide's layers are all affine."""
-    assert guide_flow_defaults("iaf", GUIDE_SMALL_MAX_DIM)["coupling_function"] == (
+@pytest.mark.parametrize("flow", ["iaf", "maf"])
+def test_spline_layers_only_up_to_their_dimension(flow):
+    """Above ``GUIDE_SMALL_MAX_DIM`` latents the iaf and maf guides' layers are all affine."""
+    assert guide_flow_defaults(flow, GUIDE_SMALL_MAX_DIM)["coupling_function"] == (
         interleaved_coupling_functions(5)
     )
-    assert guide_flow_defaults("iaf", GUIDE_SMALL_MAX_DIM + 1) == {}
+    assert guide_flow_defaults(flow, GUIDE_SMALL_MAX_DIM + 1) == {}
 
     def wide_model() -> None:
         pyro.sample("x", dist.Normal(torch.zeros(GUIDE_SMALL_MAX_DIM + 1), 1.0).to_event(1))
 
     pyro.clear_param_store()
-    guide = AutoFlow(wide_model, flow="iaf", hidden_dims=(40,))
+    guide = AutoFlow(wide_model, flow=flow, hidden_dims=(40,))
     guide()
     assert _coupling_function_names(guide) == ["Affine"] * 5
 

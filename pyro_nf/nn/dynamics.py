@@ -106,6 +106,18 @@ class ODEDynamics(nn.Module):
     of time alone and a density model sits near a Gaussian for about a thousand Adam
     steps at lr 1e-3 before it learns structure (see ``docs/benchmarks/density.md``).
 
+    With ``state_scale=True`` the network's last layer gives two outputs per coordinate,
+    a rate :math:`s` and a shift :math:`m`, and the field scales the state:
+
+    .. math::
+        f(t, z) = s(t, z) \odot z + m(t, z).
+
+    Where the rate of a coordinate depends on the others only, the flow multiplies it by
+    :math:`\exp \int_0^T s_i\,dt`. That is the change of scale a funnel asks for
+    (:math:`x_i \propto e^{v/2}`, a factor of up to :math:`e^{4.5}` across the
+    posterior), which a bounded tanh field :math:`m` alone can follow only within its
+    range. Both outputs start near zero (``final_init_scale``), so the field does too.
+
     Shapes: ``t`` a scalar tensor, ``z`` of shape ``(..., dim)``, the optional context
     of shape ``(..., context_dim)``; the output has the broadcast batch shape and
     ``dim`` features. The argument order ``(t, z)`` is torchdiffeq's.
@@ -117,6 +129,7 @@ class ODEDynamics(nn.Module):
         activation: the activation between layers (a name or a module class).
         final_init_scale: the scale of the last layer's initial weights.
         init: the hidden layers' initialisation, ``"preserve"`` or ``"torch"`` (above).
+        state_scale: give the field the form :math:`s \odot z + m` (above).
 
     References:
         Neural Ordinary Differential Equations (Chen et al., 2018), arXiv:1806.07366.
@@ -126,6 +139,8 @@ class ODEDynamics(nn.Module):
     Example:
         >>> f = ODEDynamics(2, hidden_dims=(16, 16))
         >>> f(torch.tensor(0.0), torch.randn(8, 2)).shape
+        torch.Size([8, 2])
+        >>> ODEDynamics(2, state_scale=True)(torch.tensor(0.0), torch.randn(8, 2)).shape
         torch.Size([8, 2])
     """
 
@@ -137,15 +152,17 @@ class ODEDynamics(nn.Module):
         activation: str | Callable[[], nn.Module] = "tanh",
         final_init_scale: float = 1e-2,
         init: str = "preserve",
+        state_scale: bool = False,
     ) -> None:
         super().__init__()
         if init not in DYNAMICS_INITS:
             raise ValueError(f"init must be one of {DYNAMICS_INITS}, got {init!r}")
         self.init = init
+        self.state_scale = bool(state_scale)
         self.dim = dim = integer("dim", dim)
         self.context_dim = context_dim = integer("context_dim", context_dim, minimum=0)
         self.hidden_dims = hidden_dims = layer_sizes("hidden_dims", hidden_dims)
-        sizes = [dim, *hidden_dims, dim]
+        sizes = [dim, *hidden_dims, 2 * dim if self.state_scale else dim]
         self.layers = nn.ModuleList(
             ConcatSquashLinear(n_in, n_out, context_dim)
             for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
@@ -166,15 +183,20 @@ class ODEDynamics(nn.Module):
             final.linear.weight.mul_(final_init_scale)
             final.linear.bias.zero_()
             final.hyper.weight.mul_(final_init_scale)
-            final.hyper.bias[dim:].zero_()  # the shift's bias; the gate's stays
+            final.hyper.bias[final.out_features :].zero_()  # the shift's bias; the gate's stays
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         hidden = z
         # list(): slicing the ModuleList would build a new module on every evaluation.
         for layer, activation in zip(list(self.layers)[:-1], self.activations, strict=True):
             hidden = activation(layer(t, hidden, context))
-        return self.layers[-1](t, hidden, context)
+        output = self.layers[-1](t, hidden, context)
+        if not self.state_scale:
+            return output
+        rate, shift = output.chunk(2, dim=-1)
+        return rate * z + shift
 
     def extra_repr(self) -> str:
         text = f"dim={self.dim}"
-        return text + (f", context_dim={self.context_dim}" if self.context_dim else "")
+        text += f", context_dim={self.context_dim}" if self.context_dim else ""
+        return text + (", state_scale=True" if self.state_scale else "")
