@@ -125,6 +125,7 @@ class CNFOptions:
     at ``eval_tol`` when scoring (``eval()``). ``init`` is the dynamics' hidden-layer
     initialisation (:class:`~pyro_nf.nn.ODEDynamics`: ``"preserve"``, the default, or
     ``"torch"``, PyTorch's, the default before; the name then ends in ``torch-init``).
+    ``state_scale``: fields ``s(z, t) * z + m(z, t)`` (the name ends in ``state-scale``).
     """
 
     depth: int = 3
@@ -138,6 +139,7 @@ class CNFOptions:
     init_scale: float = 1e-2
     actnorm: bool = False
     init: str = "preserve"
+    state_scale: bool = False
 
     def name(self) -> str:
         text = f"cnf {self.depth}x{self.activation}"
@@ -149,6 +151,7 @@ class CNFOptions:
         text += f" T={self.time:g}" if self.time != 1.0 else ""
         text += f" init {self.init_scale:g}" if self.init_scale != 1e-2 else ""
         text += " torch-init" if self.init == "torch" else ""
+        text += " state-scale" if self.state_scale else ""
         return text + (" actnorm" if self.actnorm else "")
 
 
@@ -172,6 +175,7 @@ def pyro_nf_cnf(options: CNFOptions) -> Callable[[int, int], DensityModel]:
                     activation=options.activation,
                     final_init_scale=options.init_scale,
                     init=options.init,
+                    state_scale=options.state_scale,
                 ),
                 time=options.time,
                 regularize=regularize,
@@ -327,6 +331,7 @@ CNF_STUDY = (
     CNFOptions(depth=3, actnorm=True, init_scale=1.0),
     CNFOptions(depth=3, actnorm=True, kinetic=0.01, jacobian=0.01),
     CNFOptions(depth=3, init="torch"),  # the dynamics' init before init="preserve"
+    CNFOptions(depth=3, state_scale=True),
 )
 
 
