@@ -227,10 +227,10 @@ def test_affine_default_per_family(flow, expected):
     assert callable_guide._affine == "diagonal"
 
 
-@pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp"])
+@pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp", "cnf"])
 def test_training_defaults_by_family_and_latent_size(flow):
-    """realnvp and maf guides above GUIDE_SMALL_MAX_DIM latents get the triangular layer
-    and the path gradient; an explicit argument wins; iaf keeps the total gradient."""
+    """realnvp, maf and cnf guides above GUIDE_SMALL_MAX_DIM latents get the triangular
+    layer and the path gradient; an explicit argument wins; iaf keeps the total gradient."""
     large = GUIDE_SMALL_MAX_DIM + 1
 
     def wide_model() -> None:
@@ -241,7 +241,8 @@ def test_training_defaults_by_family_and_latent_size(flow):
         ({"affine": "diagonal", "gradient": "total"}, {"affine": "diagonal", "gradient": "total"}),
     ]:
         pyro.clear_param_store()
-        guide = AutoFlow(wide_model, flow=flow, num_layers=2, hidden_dims=(40,), **options)
+        sizes = {"hidden_dims": (8,)} if flow == "cnf" else {"num_layers": 2, "hidden_dims": (40,)}
+        guide = AutoFlow(wide_model, flow=flow, **sizes, **options)
         guide()
         assert guide._affine == expected["affine"]
         assert hasattr(guide, "scale_tril_offdiag") == (expected["affine"] == "triangular")
@@ -249,7 +250,7 @@ def test_training_defaults_by_family_and_latent_size(flow):
         assert path == (expected["gradient"] == "path")
     assert guide_training_defaults(flow, large) == {
         "affine": "triangular",
-        "gradient": "path" if flow in ("realnvp", "maf") else "total",
+        "gradient": "path" if flow in ("realnvp", "maf", "cnf") else "total",
     }
     assert guide_training_defaults(flow, GUIDE_SMALL_MAX_DIM)["gradient"] == "total"
 

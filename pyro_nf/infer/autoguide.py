@@ -106,14 +106,17 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 #:   which together put them ahead of Pyro's best guide on those two targets (1.9 and
 #:   1.3 nats ahead of the diagonal layer and the total gradient at seed 0), where each
 #:   alone lost on the small targets; maf guides (triangular already) get the path gradient, 0.6
-#:   and 1.7 nats ahead of the total gradient there (``docs/benchmarks/posteriors.md``).
+#:   and 1.7 nats ahead of the total gradient there (``docs/benchmarks/posteriors.md``);
+#:   cnf guides get both too, 0.5 and 0.9 nats ahead of the diagonal layer and the total
+#:   gradient there.
 GUIDE_SMALL_MAX_DIM = 16
 
 #: The named flow families whose guides above :data:`GUIDE_SMALL_MAX_DIM` latents get the
 #: triangular affine layer and the path-derivative gradient (:func:`guide_training_defaults`).
-#: Both score a draw's path gradient with one pass of their cheap density direction (an
-#: iaf guide would pay ``D`` sequential passes per layer for it).
-GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf")
+#: realnvp and maf score a draw's path gradient with one pass of their cheap density
+#: direction, cnf with one more ODE solve (an iaf guide would pay ``D`` sequential passes
+#: per layer for it).
+GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf", "cnf")
 
 #: Builder arguments that choose the coupling functions; given any of them, a guide
 #: keeps the builder's own choice instead of the interleaved default.
@@ -147,8 +150,8 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
     ``family`` is the flow's name, or ``None`` for a flow callable. ``affine``:
     :data:`GUIDE_AFFINE_DEFAULTS` (``"triangular"`` for iaf and maf, else
     ``"diagonal"``); ``gradient``: ``"total"``. Above :data:`GUIDE_SMALL_MAX_DIM`
-    latents the families of :data:`GUIDE_PATH_LARGE` (``"realnvp"`` and ``"maf"``) get
-    ``"triangular"`` and ``"path"`` instead.
+    latents the families of :data:`GUIDE_PATH_LARGE` (``"realnvp"``, ``"maf"`` and
+    ``"cnf"``) get ``"triangular"`` and ``"path"`` instead.
 
     Example:
         >>> guide_training_defaults("realnvp", 10)
@@ -274,18 +277,18 @@ class AutoFlow(AutoContinuous):
             approaches the posterior. The scoring runs the flow's inverse: one pass per
             layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per layer for
             ``"iaf"``. The default (``None``, :func:`guide_training_defaults`) is
-            ``"path"`` for ``"realnvp"`` and ``"maf"`` above 16 latents and ``"total"``
-            otherwise: on the posterior suite ``"path"`` with the triangular layer puts
-            real NVP and MAF ahead of Pyro's best guide on the 31- and 100-latent
-            targets, while on the small ones ``"path"`` covers one mode of the bimodal
+            ``"path"`` for ``"realnvp"``, ``"maf"`` and ``"cnf"`` above 16 latents and
+            ``"total"`` otherwise: on the posterior suite ``"path"`` with the triangular
+            layer puts real NVP and MAF ahead of Pyro's best guide on the 31- and
+            100-latent targets (and brings the CNF within 0.3 and 0.6 nats), while on the small ones ``"path"`` covers one mode of the bimodal
             target more often (``docs/benchmarks/posteriors.md``).
         affine: the scale ``L`` of the affine layer after the flow: ``"diagonal"``
             (``diag(sigma)``) or ``"triangular"`` (``diag(sigma) (I + W / sqrt(D))``
             with a learned strictly lower-triangular ``W``, parameter
             ``scale_tril_offdiag``; see :func:`triangular_scale`). The default (``None``)
-            is ``"triangular"`` for ``"iaf"`` and ``"maf"``, and for ``"realnvp"``
-            above 16 latents; ``"diagonal"`` for smaller ``"realnvp"`` guides, ``"cnf"``
-            and callables (:func:`guide_training_defaults`). On the posterior suite the
+            is ``"triangular"`` for ``"iaf"`` and ``"maf"``, and for ``"realnvp"`` and
+            ``"cnf"`` above 16 latents; ``"diagonal"`` for smaller ``"realnvp"`` and
+            ``"cnf"`` guides and callables (:func:`guide_training_defaults`). On the posterior suite the
             triangular layer puts iaf ahead of Pyro's best guide on the 31-coefficient
             logistic regression (it was 0.3 nats behind) and changes the other targets of
             iaf by less than their seed-to-seed noise; for real NVP it lost the banana,
