@@ -22,7 +22,10 @@ seed:
   :data:`pyro_nf.flows.FLOW_BUILDERS` at the builder's defaults, given a shared encoder
   design (an MLP from the item's data to a 16-d context);
 * ``AmortizedFlowGuide.from_site(<family>)``: the convenience constructor (default
-  encoder, flow sized from the site, an amortized affine layer after the flow);
+  encoder, the item's raw data and the encoder's output as the context, flow sized
+  from the site, an amortized affine layer after the flow); ``--variant LABEL=JSON``
+  adds ``AmortizedFlowGuide.from_site(<family>, LABEL)`` with other ``from_site``
+  options, e.g. ``'before={"raw_features": false}'`` (the default before);
 * ``amortized Normal``: the same encoder with a diagonal Normal head (loc and
   softplus scale);
 * ``zuko NSF (tutorial)``: the tutorial's guide, ``zuko.flows.NSF(features=3,
@@ -180,8 +183,10 @@ def amortized_flow_guide(task: Task, family: str) -> Guide:
     return Guide(guide, guide.get_posterior, lambda: list(guide.parameters()))
 
 
-def amortized_flow_guide_from_site(task: Task, family: str) -> Guide:
-    guide = AmortizedFlowGuide.from_site(task.model, task.features, site="z", flow=family)
+def amortized_flow_guide_from_site(task: Task, family: str, **options: object) -> Guide:
+    guide = AmortizedFlowGuide.from_site(
+        task.model, task.features, site="z", flow=family, **options
+    )
     return Guide(guide, guide.get_posterior, lambda: list(guide.parameters()))
 
 
@@ -229,7 +234,11 @@ def zuko_nsf_guide(task: Task, plate: str) -> Guide:
 PLATES = {"conjugate": "groups", "tutorial": "batch"}
 
 
-def guide_factories(families: tuple[str, ...]) -> dict[str, Callable[[Task], Guide]]:
+def guide_factories(
+    families: tuple[str, ...], variants: dict[str, dict] | None = None
+) -> dict[str, Callable[[Task], Guide]]:
+    """The guides by name; ``variants`` (label -> ``from_site`` options) adds one
+    ``AmortizedFlowGuide.from_site(<family>, <label>)`` per family and label."""
     factories: dict[str, Callable[[Task], Guide]] = {}
     for family in families:
         factories[f"AmortizedFlowGuide({family})"] = lambda task, family=family: (
@@ -239,6 +248,13 @@ def guide_factories(families: tuple[str, ...]) -> dict[str, Callable[[Task], Gui
         factories[f"AmortizedFlowGuide.from_site({family})"] = lambda task, family=family: (
             amortized_flow_guide_from_site(task, family)
         )
+    for label, options in (variants or {}).items():
+        for family in families:
+            factories[f"AmortizedFlowGuide.from_site({family}, {label})"] = (
+                lambda task, family=family, options=options: amortized_flow_guide_from_site(
+                    task, family, **options
+                )
+            )
     factories["amortized Normal"] = lambda task: amortized_normal_guide(task, PLATES[task.name])
     factories["zuko NSF (tutorial)"] = lambda task: zuko_nsf_guide(task, PLATES[task.name])
     return factories
@@ -353,6 +369,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lr-decay", type=float, default=1.0, help="the learning rate's factor over the run"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="also run AmortizedFlowGuide.from_site(<family>, LABEL) with the JSON object's "
+        "options (e.g. 'wide={\"hidden_dims\": [128, 128]}'); repeatable",
+    )
     parser.add_argument("--output", type=Path, default=None, help="rows as JSON")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -370,8 +394,16 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; expected some of {list(TASKS)}")
-    factories = guide_factories(tuple(args.families))
-    names = list(factories) if args.guides is None else args.guides
+    variants = {}
+    for entry in args.variant:
+        label, _, options = entry.partition("=")
+        variants[label] = json.loads(options) if options else {}
+    factories = guide_factories(tuple(args.families), variants)
+    names = list(factories) if args.guides is None else list(args.guides)
+    if args.guides is not None:
+        names += [
+            f"AmortizedFlowGuide.from_site({f}, {v})" for v in variants for f in args.families
+        ]
     unknown = sorted(set(names) - set(factories))
     if unknown:
         raise ValueError(f"unknown guides {unknown}; expected some of {list(factories)}")

@@ -15,6 +15,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_nf.infer.amortized import (
+    RAW_FEATURES_MAX_DIM,
     AmortizedAffine,
     AmortizedFlowGuide,
     FeatureEncoder,
@@ -54,10 +55,12 @@ def test_from_site_builds_encoder_and_flow_from_the_site_at_the_first_call():
     assert guide.flow is None and guide.encoder is None
     value = guide(x, noise)["z"]
     assert value.shape == (6, 2)
-    assert guide.flow.dim == 2 and guide.flow.context_dim == 16
+    # Nine features (at most RAW_FEATURES_MAX_DIM): the context is [features, MLP(features)].
+    features = 2 * NUM_OBSERVATIONS + 1
+    assert guide.flow.dim == 2 and guide.flow.context_dim == features + 16
     assert isinstance(guide.flow.layers[-1], AmortizedAffine)
-    assert isinstance(guide.encoder, FeatureEncoder)
-    assert guide.encoder.network.in_features == 2 * NUM_OBSERVATIONS + 1
+    assert isinstance(guide.encoder, FeatureEncoder) and guide.encoder.raw_features
+    assert guide.encoder.network.in_features == features
     names = set(pyro.get_param_store().keys())
     assert any(name.startswith("AmortizedFlowGuide.flow$$$") for name in names)
     assert any(name.startswith("AmortizedFlowGuide.encoder$$$") for name in names)
@@ -71,6 +74,36 @@ def test_from_site_without_the_affine_layer_ends_with_the_flow():
     guide(x, noise)
     assert len(guide.flow.layers) == SMALL["num_layers"]
     assert not any(isinstance(layer, AmortizedAffine) for layer in guide.flow.layers)
+
+
+def test_feature_encoder_with_raw_features_puts_them_before_the_summary():
+    encoder = FeatureEncoder(first_argument_rows, 6, context_dim=4, raw_features=True)
+    x = torch.randn(5, 3, 2)
+    context = encoder(x)
+    assert encoder.out_features == 10 and context.shape == (5, 10)
+    assert torch.equal(context[:, :6], x.flatten(1))
+    assert torch.equal(context[:, 6:], encoder.network(x.flatten(1)))
+    assert FeatureEncoder(first_argument_rows, 6, context_dim=4).out_features == 4
+
+
+@pytest.mark.parametrize(
+    "features, raw_features, raw",
+    [
+        pytest.param(RAW_FEATURES_MAX_DIM, None, True, id="default-small"),
+        pytest.param(RAW_FEATURES_MAX_DIM + 1, None, False, id="default-large"),
+        pytest.param(4, False, False, id="off"),
+        pytest.param(RAW_FEATURES_MAX_DIM + 1, True, True, id="on"),
+    ],
+)
+def test_from_site_raw_features_default_depends_on_the_feature_size(features, raw_features, raw):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AmortizedFlowGuide.from_site(model, raw_features=raw_features, **SMALL)
+    assert guide(torch.randn(3, features))["z"].shape == (3, 2)
+    assert guide.encoder.raw_features is raw
+    assert guide.flow.context_dim == 16 + (features if raw else 0)
 
 
 def test_from_site_default_features_are_the_first_argument_per_item():

@@ -39,6 +39,20 @@ def test_amortized_quick_mode_scores_every_guide_on_both_tasks(tmp_path):
     assert "| AmortizedFlowGuide(iaf) |" in result["table"]
 
 
+def test_amortized_variant_adds_a_from_site_guide_with_its_options():
+    suite = load_amortized()
+    result = suite.main(
+        ["--quick", "--tasks", "tutorial", "--families", "iaf", "--guides", "amortized Normal"]
+        + ["--variant", 'before={"raw_features": false}']
+    )
+    names = [row["guide"] for row in result["rows"]]
+    assert names == ["amortized Normal", "AmortizedFlowGuide.from_site(iaf, before)"]
+    default = suite.main(["--quick", "--tasks", "tutorial", "--families", "iaf"])["rows"]
+    (plain,) = [r for r in default if r["guide"] == "AmortizedFlowGuide.from_site(iaf)"]
+    # Without the raw features the flow and the affine layer take 10 fewer context inputs.
+    assert plain["parameters"] > result["rows"][1]["parameters"]
+
+
 def test_amortized_conjugate_posterior_is_the_closed_form():
     suite = load_amortized()
     task = suite.conjugate_task(groups=4, seed=0)

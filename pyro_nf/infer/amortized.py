@@ -31,6 +31,15 @@ from pyro_nf.nn import MLP
 
 __all__ = ["AmortizedAffine", "AmortizedFlowGuide", "FeatureEncoder", "first_argument_rows"]
 
+#: The largest feature size ``F`` for which :meth:`AmortizedFlowGuide.from_site` puts the
+#: raw features into the flow's context by default (``raw_features=None``). Each of the
+#: flow's conditioners then takes ``F`` more inputs, which costs ``F`` times its first
+#: hidden width in parameters per layer (at 64: 4,096 per MADE layer of (64, 64), about
+#: the size of the layer itself); above it, only the encoder's summary is the context.
+#: The benefit was measured at F = 10 and 16 (``docs/benchmarks/amortized.md``); the
+#: bound is a cost cap, not a measured optimum.
+RAW_FEATURES_MAX_DIM = 64
+
 
 def first_argument_rows(*args: Any, **kwargs: Any) -> Tensor:
     """The default features of :meth:`AmortizedFlowGuide.from_site`: one row per item.
@@ -52,14 +61,20 @@ def first_argument_rows(*args: Any, **kwargs: Any) -> Tensor:
 
 
 class FeatureEncoder(nn.Module):
-    """An encoder ``MLP(features(*args, **kwargs))``: the model's arguments to contexts.
+    r"""An encoder ``MLP(features(*args, **kwargs))``: the model's arguments to contexts.
+
+    With ``raw_features=True`` the context is the features themselves followed by the
+    MLP's output, :math:`c = [f, \text{MLP}(f)]` of size ``F + context_dim``
+    (:attr:`out_features`), so the flow's conditioners see each item's data directly
+    (as zuko's flows do, whose context is the data) besides the learned summary.
 
     Arguments:
         features: a function of the model's arguments returning ``(items, F)``.
         in_features: F.
-        context_dim: the context size (the MLP's output).
+        context_dim: the MLP's output size.
         hidden_dims: the MLP's hidden sizes.
         activation: the MLP's activation.
+        raw_features: put the features before the MLP's output in the context.
 
     Example:
         >>> encoder = FeatureEncoder(first_argument_rows, 10, context_dim=4)
@@ -74,14 +89,20 @@ class FeatureEncoder(nn.Module):
         context_dim: int,
         hidden_dims: Sequence[int] = (64, 64),
         activation: str = "relu",
+        raw_features: bool = False,
     ) -> None:
         super().__init__()
         self.features = features
+        self.raw_features = bool(raw_features)
         # Full-scale last layer: the contexts must differ between items from the start.
         self.network = MLP(in_features, context_dim, hidden_dims, 0, activation, 1.0)
+        self.out_features = context_dim + (in_features if self.raw_features else 0)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.network(self.features(*args, **kwargs))
+        rows = self.features(*args, **kwargs)
+        if self.raw_features:
+            return torch.cat([rows, self.network(rows)], dim=-1)
+        return self.network(rows)
 
 
 class AmortizedAffine(ConditionalTransformModule):
@@ -184,27 +205,54 @@ class AmortizedFlowGuide(AutoGuide):
         encoder_hidden_dims: Sequence[int] = (64, 64),
         init_scale: float = 1.0,
         affine: bool = True,
+        raw_features: bool | None = None,
         **flow_kwargs: Any,
     ) -> AmortizedFlowGuide:
         r"""The guide with a default encoder and flow, built from the site at the first call.
 
         .. math::
-            c_i = \text{MLP}(\text{features}(\text{args})_i), \qquad
+            x_i = \text{features}(\text{args})_i, \quad
+            c_i = [x_i, \text{MLP}(x_i)], \qquad
             z_i = \mu(c_i) + \sigma(c_i) \odot f(u_i; c_i), \quad u_i \sim \mathcal N(0, I_D)
 
         At the first call the site's event size ``D`` is read from the model and the
         feature size ``F`` from ``features(*args, **kwargs)`` (shape ``(items, F)``);
-        then the encoder is a :class:`FeatureEncoder` (an MLP ``F -> context_dim``) and
-        the flow is ``flow_builder(flow)(D, context_dim=context_dim, **flow_kwargs)``
-        followed by an :class:`AmortizedAffine` layer (``mu, sigma``: the amortized
+        then the encoder is a :class:`FeatureEncoder` (an MLP ``F -> context_dim``,
+        whose output follows the features themselves in the context unless
+        ``raw_features`` is off: size ``C = F + context_dim``) and the flow is
+        ``flow_builder(flow)(D, context_dim=C, **flow_kwargs)`` followed by an :class:`AmortizedAffine` layer (``mu, sigma``: the amortized
         counterpart of :class:`~pyro_nf.infer.AutoFlow`'s affine layer). Its
         parameters exist from the first call on (as for Pyro's autoguides).
 
-        The affine layer, measured on ``benchmarks/amortized.py`` (one seed, 1000 steps;
-        ``docs/benchmarks/amortized.md``): it helps ``"realnvp"`` on both tasks
-        (tutorial ELBO +16.5, conjugate KL(q || p) 0.033 -> 0.021), is mixed for
-        ``"maf"`` (+6.2; 0.024 -> 0.032) and costs ``"iaf"`` a little (-12.0; 0.028 ->
-        0.032). ``affine=False`` leaves it out.
+        The raw features in the context (``raw_features``, on by default for ``F <=``
+        :data:`RAW_FEATURES_MAX_DIM`): every conditioner of the flow and the affine
+        layer get :math:`c_i = [x_i, \text{MLP}(x_i)]` instead of :math:`\text{MLP}(x_i)`
+        alone. The affine layer's :math:`\mu(c)` is linear in :math:`c`, so a location
+        that is (nearly) linear in the item's data, such as a posterior mean that
+        averages the item's observations, is there from a linear map instead of being
+        learned through the encoder's ReLU layers; the conditioners see the data as
+        zuko's flows do (their context is the data). Measured on
+        ``benchmarks/amortized.py`` (1000 steps, the tutorial's recipe, seeds 0, 1, 2,
+        each seed its own data; ``docs/benchmarks/amortized.md``), against the same
+        guide without them and zuko's NSF of the tutorial:
+
+        ======== ============================ ============================ ==================
+        family   tutorial ELBO                tutorial mean log q(z*)      conjugate KL(q||p)
+        ======== ============================ ============================ ==================
+        iaf      151.8 / 137.8 / 164.9        1.69 / 0.78 / 2.32           0.017/0.011/0.010
+        (before) 133.5 / 109.1 / 131.1        1.00 / -0.86 / 1.50          0.033/0.014/0.013
+        realnvp  150.4 / 135.7 / 161.8        1.51 / 0.84 / 2.08           0.026/0.012/0.013
+        (before) 121.1 / 94.4 / 120.3         0.57 / -1.20 / 1.26          0.022/0.022/0.019
+        maf      153.1 / 132.6 / 166.0        1.82 / 0.49 / 2.32           0.018/0.010/0.010
+        (before) 128.6 / 108.0 / 136.7        0.68 / -1.24 / 1.67          0.032/0.014/0.012
+        zuko NSF 148.6 / 127.5 / 157.7        1.45 / 0.84 / 1.89           0.015/0.031/0.088
+        ======== ============================ ============================ ==================
+
+        The affine layer, measured on ``benchmarks/amortized.py`` (one seed, 1000 steps,
+        before the raw features): it helps ``"realnvp"`` on both tasks (tutorial ELBO
+        +16.5, conjugate KL(q || p) 0.033 -> 0.021), is mixed for ``"maf"`` (+6.2;
+        0.024 -> 0.032) and costs ``"iaf"`` a little (-12.0; 0.028 -> 0.032).
+        ``affine=False`` leaves it out.
 
         Arguments:
             model: the Pyro model.
@@ -217,6 +265,10 @@ class AmortizedFlowGuide(AutoGuide):
             encoder_hidden_dims: the encoder MLP's hidden sizes.
             init_scale: the affine layer's initial ``sigma``.
             affine: put the :class:`AmortizedAffine` layer after the flow.
+            raw_features: the flow's context is ``[features, MLP(features)]``
+                (:class:`FeatureEncoder`), of size ``F + context_dim``, instead of
+                ``MLP(features)``; ``None`` (default): when ``F <=``
+                :data:`RAW_FEATURES_MAX_DIM`.
             **flow_kwargs: further arguments of the flow's builder.
 
         Example:
@@ -240,11 +292,15 @@ class AmortizedFlowGuide(AutoGuide):
                     f"features must return one row per item, shape (items, F); got "
                     f"{tuple(rows.shape)}"
                 )
-            encoder = FeatureEncoder(features, rows.shape[-1], context_dim, encoder_hidden_dims)
-            layers = builder(dim, context_dim=context_dim, **flow_kwargs).layers
+            raw = rows.shape[-1] <= RAW_FEATURES_MAX_DIM if raw_features is None else raw_features
+            encoder = FeatureEncoder(
+                features, rows.shape[-1], context_dim, encoder_hidden_dims, raw_features=raw
+            )
+            size = encoder.out_features
+            layers = builder(dim, context_dim=size, **flow_kwargs).layers
             if affine:
-                layers.append(AmortizedAffine(dim, context_dim, init_scale))
-            return encoder, Flow(layers, dim, context_dim).to(rows)
+                layers.append(AmortizedAffine(dim, size, init_scale))
+            return encoder, Flow(layers, dim, size).to(rows)
 
         guide = cls.__new__(cls)
         AutoGuide.__init__(guide, model)
