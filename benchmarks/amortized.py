@@ -27,7 +27,8 @@ seed:
   adds ``AmortizedFlowGuide.from_site(<family>, LABEL)`` with other ``from_site``
   options, e.g. ``'before={"raw_features": false}'`` (the default before);
 * ``amortized Normal``: the same encoder with a diagonal Normal head (loc and
-  softplus scale);
+  softplus scale); ``amortized Normal (raw features)``: its head reads the item's raw
+  data besides the encoder's output;
 * ``zuko NSF (tutorial)``: the tutorial's guide, ``zuko.flows.NSF(features=3,
   context=F, transforms=1, hidden_features=(256, 256))`` inverted, behind
   ``pyro.contrib.zuko.ZukoToPyro``, with the raw item data as context.
@@ -191,20 +192,30 @@ def amortized_flow_guide_from_site(task: Task, family: str, **options: object) -
 
 
 class NormalHead(nn.Module):
-    """The shared encoder followed by a diagonal Normal: loc and softplus scale per item."""
+    """The shared encoder followed by a diagonal Normal: loc and softplus scale per item.
 
-    def __init__(self, task: Task) -> None:
+    With ``raw_features`` the linear head reads ``[features, encoder]``, as the flows of
+    ``AmortizedFlowGuide.from_site`` do by default.
+    """
+
+    def __init__(self, task: Task, raw_features: bool = False) -> None:
         super().__init__()
+        self.task = task
+        self.raw_features = raw_features
         self.encoder = FeatureEncoder(task.features, task.feature_dim)
-        self.head = nn.Linear(CONTEXT_DIM, 2 * LATENT_DIM)
+        size = CONTEXT_DIM + (task.feature_dim if raw_features else 0)
+        self.head = nn.Linear(size, 2 * LATENT_DIM)
 
     def forward(self, *args: Tensor) -> dist.Distribution:
-        loc, raw_scale = self.head(self.encoder(*args)).chunk(2, dim=-1)
+        context = self.encoder(*args)
+        if self.raw_features:
+            context = torch.cat([self.task.features(*args), context], dim=-1)
+        loc, raw_scale = self.head(context).chunk(2, dim=-1)
         return dist.Normal(loc, nn.functional.softplus(raw_scale)).to_event(1)
 
 
-def amortized_normal_guide(task: Task, plate: str) -> Guide:
-    module = NormalHead(task)
+def amortized_normal_guide(task: Task, plate: str, raw_features: bool = False) -> Guide:
+    module = NormalHead(task, raw_features)
 
     def guide(*args: Tensor) -> None:
         pyro.module("normal_head", module)
@@ -256,6 +267,9 @@ def guide_factories(
                 )
             )
     factories["amortized Normal"] = lambda task: amortized_normal_guide(task, PLATES[task.name])
+    factories["amortized Normal (raw features)"] = lambda task: amortized_normal_guide(
+        task, PLATES[task.name], raw_features=True
+    )
     factories["zuko NSF (tutorial)"] = lambda task: zuko_nsf_guide(task, PLATES[task.name])
     return factories
 
