@@ -72,14 +72,17 @@ def test_flow_guide_halves_the_gaussian_kl_on_the_banana(family, options):
     assert flow["kl"] <= 0.5 * gaussian["kl"], (flow["kl"], gaussian["kl"])
 
 
-@pytest.mark.parametrize(("family", "steps"), [("iaf", 300), ("realnvp", 300), ("maf", 60)])
+@pytest.mark.parametrize(
+    ("family", "steps"), [("iaf", 300), ("realnvp", 300), ("maf", 60), ("cnf", 100)]
+)
 def test_defaults_are_stable_at_lr_1e2_on_the_100d_target(family, steps):
     """No NaN at a constant lr 1e-2 on the ~100-dimensional radon posterior, and progress.
 
     Bar: issue 10 requires defaults that survive the learning rate users start with
     (Pyro's spline guide diverges there); "progress" means the ELBO after training
     exceeds the ELBO at initialization, a bar any working optimizer clears.
-    (maf samples in D sequential passes, so it gets fewer steps.)
+    (maf samples in D sequential passes and cnf solves an ODE per pass, so they get fewer
+    steps.)
     """
     suite = load_suite()
     problem = suite.make_problems(["radon"])["radon"]
