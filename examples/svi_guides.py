@@ -23,7 +23,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
@@ -46,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arviz as az  # noqa: E402
 from common import (  # noqa: E402
     base_parser,
-    build_flow,
     format_table,
     output_directory,
     progress_enabled,
@@ -143,14 +141,15 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
         return AutoNormal(model, init_scale=0.1)
     if kind == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model, init_scale=0.1)
-    # AutoFlow calls this with the model's latent dimension.
-    builder = functools.partial(
-        build_flow,
-        kind.removeprefix("AutoFlow-"),
-        num_layers=args.flow_layers,
-        hidden_dims=(args.hidden,) * 2,
-    )
-    return AutoFlow(model, flow=builder)
+    # The named family, so the guide gets AutoFlow's defaults (chosen on the posterior
+    # suite); --flow-layers and --hidden override the builder's sizes when given.
+    family = kind.removeprefix("AutoFlow-")
+    options: dict[str, object] = {}
+    if args.flow_layers is not None and family != "cnf":  # a CNF guide has one ODE block
+        options["num_layers"] = args.flow_layers
+    if args.hidden is not None:
+        options["hidden_dims"] = (args.hidden,) * 2
+    return AutoFlow(model, flow=family, **options)
 
 
 def train(guide: object, problem: Problem, args: argparse.Namespace, label: str) -> float:
@@ -216,8 +215,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lrd", type=float, default=None, help="learning-rate decay per step")
-    parser.add_argument("--flow-layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="hidden width (default: AutoFlow's)"
+    )
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")
     args = parser.parse_args(argv)
