@@ -14,6 +14,7 @@ from pyro.infer import Trace_ELBO
 from pyro_nf.flows import realnvp
 from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
 from pyro_nf.infer.autoguide import (
+    GUIDE_REALNVP_LARGE_LAYERS,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
     guide_flow_defaults,
@@ -306,6 +307,28 @@ def test_spline_layers_only_up_to_their_dimension(flow):
     guide = AutoFlow(wide_model, flow=flow, hidden_dims=(40,))
     guide()
     assert _coupling_function_names(guide) == ["Affine"] * 5
+
+
+def test_realnvp_guides_above_the_small_size_get_more_layers():
+    """realnvp guides above ``GUIDE_SMALL_MAX_DIM`` latents get
+    ``GUIDE_REALNVP_LARGE_LAYERS`` coupling layers; a user's ``num_layers`` wins; below
+    the cut (and for other families) the builder's default stays."""
+    large = GUIDE_SMALL_MAX_DIM + 1
+    assert guide_flow_defaults("realnvp", large) == {"num_layers": GUIDE_REALNVP_LARGE_LAYERS}
+    assert guide_flow_defaults("realnvp", large, {"num_layers": 3}) == {}
+    assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM) == {}
+
+    def wide_model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(large), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,))
+    guide()
+    assert len(_coupling_function_names(guide)) == GUIDE_REALNVP_LARGE_LAYERS
+    pyro.clear_param_store()
+    guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,), num_layers=2)
+    guide()
+    assert len(_coupling_function_names(guide)) == 2
 
 
 def test_bad_num_layers_gets_the_builders_error_not_the_defaults():
