@@ -60,8 +60,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
 from pyro_nf.flows import flow_builder
-from pyro_nf.infer.amortized import AmortizedFlowGuide
-from pyro_nf.nn import MLP
+from pyro_nf.infer.amortized import AmortizedFlowGuide, FeatureEncoder
 
 LATENT_DIM = 3
 NUM_OBSERVATIONS = 5
@@ -154,18 +153,12 @@ TASKS: dict[str, Callable[[int, int], Task]] = {
 # ----------------------------------------------------------------------------- guides
 
 
-class FeatureEncoder(nn.Module):
-    """The shared encoder design: ``MLP(features(*args))``, one context per item."""
-
-    def __init__(self, features: Callable[..., Tensor], in_features: int) -> None:
-        super().__init__()
-        self.features = features
-        self.network = MLP(
-            in_features, CONTEXT_DIM, ENCODER_HIDDEN, activation="relu", final_init_scale=1.0
-        )
-
-    def forward(self, *args: Tensor) -> Tensor:
-        return self.network(self.features(*args))
+def shared_encoder(task: Task, raw_features: bool = False) -> FeatureEncoder:
+    """The shared encoder design: ``MLP(features(*args))``, one context per item (with
+    ``raw_features``, ``[features(*args), MLP(features(*args))]``)."""
+    return FeatureEncoder(
+        task.features, task.feature_dim, CONTEXT_DIM, ENCODER_HIDDEN, raw_features=raw_features
+    )
 
 
 @dataclass
@@ -178,7 +171,7 @@ class Guide:
 
 
 def amortized_flow_guide(task: Task, family: str) -> Guide:
-    encoder = FeatureEncoder(task.features, task.feature_dim)
+    encoder = shared_encoder(task)
     flow = flow_builder(family)(LATENT_DIM, context_dim=CONTEXT_DIM)
     guide = AmortizedFlowGuide(task.model, encoder, flow, site="z")
     return Guide(guide, guide.get_posterior, lambda: list(guide.parameters()))
@@ -200,17 +193,11 @@ class NormalHead(nn.Module):
 
     def __init__(self, task: Task, raw_features: bool = False) -> None:
         super().__init__()
-        self.task = task
-        self.raw_features = raw_features
-        self.encoder = FeatureEncoder(task.features, task.feature_dim)
-        size = CONTEXT_DIM + (task.feature_dim if raw_features else 0)
-        self.head = nn.Linear(size, 2 * LATENT_DIM)
+        self.encoder = shared_encoder(task, raw_features)
+        self.head = nn.Linear(self.encoder.out_features, 2 * LATENT_DIM)
 
     def forward(self, *args: Tensor) -> dist.Distribution:
-        context = self.encoder(*args)
-        if self.raw_features:
-            context = torch.cat([self.task.features(*args), context], dim=-1)
-        loc, raw_scale = self.head(context).chunk(2, dim=-1)
+        loc, raw_scale = self.head(self.encoder(*args)).chunk(2, dim=-1)
         return dist.Normal(loc, nn.functional.softplus(raw_scale)).to_event(1)
 
 

@@ -39,12 +39,15 @@ def _coupling(function, context_dim: int = 0, mask=None, **kwargs):
     return factory
 
 
-def _continuous(context_dim: int = 0, **kwargs):
+def _continuous(context_dim: int = 0, state_scale: bool = False, **kwargs):
     # float64 checks need tight solver tolerances; a tiny field in two dimensions keeps
     # each solve (and the D adjoint solves of an autograd Jacobian) fast.
     def factory():
+        options = dict(kwargs)
+        if state_scale:  # a field of the form s * z + m (ODEDynamics(state_scale=True))
+            options["dynamics"] = ODEDynamics(CNF_DIM, (8,), context_dim, state_scale=True)
         return ContinuousFlow(
-            CNF_DIM, hidden_dims=(8,), context_dim=context_dim, rtol=1e-10, atol=1e-10, **kwargs
+            CNF_DIM, hidden_dims=(8,), context_dim=context_dim, rtol=1e-10, atol=1e-10, **options
         )
 
     return factory
@@ -133,16 +136,7 @@ CASES: dict[str, TransformContract] = {
     "cnf-conditional": TransformContract(
         _continuous(CONTEXT_DIM), CNF_DIM, CONTEXT_DIM, **ODE_TOLERANCES
     ),
-    "cnf-state-scale": TransformContract(
-        lambda: ContinuousFlow(
-            CNF_DIM,
-            ODEDynamics(CNF_DIM, hidden_dims=(8,), state_scale=True),
-            rtol=1e-10,
-            atol=1e-10,
-        ),
-        CNF_DIM,
-        **ODE_TOLERANCES,
-    ),
+    "cnf-state-scale": TransformContract(_continuous(state_scale=True), CNF_DIM, **ODE_TOLERANCES),
     "cnf-learned-time-softplus": TransformContract(
         _continuous(learn_time=True, time=0.5, activation="softplus"), CNF_DIM, **ODE_TOLERANCES
     ),

@@ -422,6 +422,7 @@ def test_state_scale_field_multiplies_the_state():
         final.linear.weight.zero_()
         final.linear.bias.copy_(torch.cat([torch.full((dim,), rate), torch.zeros(dim)]))
         final.hyper.weight.zero_()
+        # Gate logits of 50 (sigmoid = 1 to float64 precision), time shift 0.
         final.hyper.bias.copy_(torch.cat([torch.full((2 * dim,), 50.0), torch.zeros(2 * dim)]))
     flow = ContinuousFlow(dim, field, time=time, **TIGHT).double()
     z = torch.randn(5, dim, dtype=torch.float64)

@@ -32,13 +32,13 @@ from pyro_nf.nn import MLP
 __all__ = ["AmortizedAffine", "AmortizedFlowGuide", "FeatureEncoder", "first_argument_rows"]
 
 #: The largest feature size ``F`` for which :meth:`AmortizedFlowGuide.from_site` puts the
-#: raw features into the flow's context by default (``raw_features=None``). Each of the
-#: flow's conditioners then takes ``F`` more inputs, which costs ``F`` times its first
-#: hidden width in parameters per layer (at 64: 4,096 per MADE layer of (64, 64), about
-#: the size of the layer itself); above it, only the encoder's summary is the context.
-#: The benefit was measured at F = 10 and 16 (``docs/benchmarks/amortized.md``); the
-#: bound is a cost cap, not a measured optimum.
-RAW_FEATURES_MAX_DIM = 64
+#: raw features into the flow's context by default (``raw_features=None``): the largest
+#: size at which the benefit was measured (F = 10 on Pyro's flow-guide tutorial, 16 on
+#: the conjugate groups; ``docs/benchmarks/amortized.md``). Each of the flow's
+#: conditioners takes ``F`` more inputs, ``F`` times its first hidden width in
+#: parameters per layer; above the bound only the encoder's summary is the context
+#: (``raw_features=True`` asks for the raw features at any size).
+RAW_FEATURES_MAX_DIM = 16
 
 
 def first_argument_rows(*args: Any, **kwargs: Any) -> Tensor:
