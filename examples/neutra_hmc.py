@@ -117,8 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000, help="SVI steps of the guide")
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--flow-layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument(
+        "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="conditioner width (default: AutoFlow's)"
+    )
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--max-tree-depth", type=int, default=10)
