@@ -14,6 +14,7 @@ from pyro.infer import Trace_ELBO
 from pyro_nf.flows import realnvp
 from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
 from pyro_nf.infer.autoguide import (
+    GUIDE_CNF_LARGE_BLOCKS,
     GUIDE_REALNVP_LARGE_LAYERS,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
@@ -23,6 +24,7 @@ from pyro_nf.infer.autoguide import (
 )
 from pyro_nf.infer.guide_training import MAX_REFUSED_UPDATES
 from pyro_nf.infer.targets import twisted_gaussian
+from pyro_nf.transforms import ContinuousFlow
 
 SMALL = {"num_layers": 2, "hidden_dims": (8,)}
 # Explicit glue layers, so these tests do not change with the guide defaults.
@@ -329,6 +331,33 @@ def test_realnvp_guides_above_the_small_size_get_more_layers():
     guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,), num_layers=2)
     guide()
     assert len(_coupling_function_names(guide)) == 2
+
+
+def test_cnf_guide_defaults_and_more_blocks_above_the_small_size():
+    """cnf guides get the scaled field, the training tolerances and backpropagation through
+    the solver at every size, the exact trace up to ``CNF_EXACT_TRACE_MAX_DIM`` latents
+    and, above ``GUIDE_SMALL_MAX_DIM``, ``GUIDE_CNF_LARGE_BLOCKS`` ODE blocks unless the
+    user gives ``num_layers`` (or its alias ``num_blocks``)."""
+    small, large = GUIDE_SMALL_MAX_DIM, GUIDE_SMALL_MAX_DIM + 1
+    common = {"state_scale": True, "rtol": 1e-3, "atol": 1e-3, "adjoint": False}
+    assert guide_flow_defaults("cnf", small) == {**common, "trace": "exact"}
+    assert guide_flow_defaults("cnf", large) == {
+        **common,
+        "trace": "hutchinson",
+        "num_layers": GUIDE_CNF_LARGE_BLOCKS,
+    }
+    for user in ({"num_layers": 1}, {"num_blocks": 3}):
+        assert "num_layers" not in guide_flow_defaults("cnf", large, user)
+
+    def wide_model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(large), 1.0).to_event(1))
+
+    for options, blocks in (({}, GUIDE_CNF_LARGE_BLOCKS), ({"num_layers": 1}, 1)):
+        pyro.clear_param_store()
+        guide = AutoFlow(wide_model, flow="cnf", hidden_dims=(8,), **options)
+        guide()
+        ode_blocks = [m for m in guide.modules() if isinstance(m, ContinuousFlow)]
+        assert len(ode_blocks) == blocks
 
 
 def test_bad_num_layers_gets_the_builders_error_not_the_defaults():
