@@ -82,7 +82,7 @@ def test_defaults_are_stable_at_lr_1e2_on_the_100d_target(family, steps):
     (Pyro's spline guide diverges there); "progress" means the ELBO after training
     exceeds the ELBO at initialization, a bar any working optimizer clears.
     (maf samples in D sequential passes and cnf solves an ODE per pass, so they get fewer
-    steps.)
+    steps.) Every loss must also stay above a floor that a valid ELBO cannot cross.
     """
     suite = load_suite()
     problem = suite.make_problems(["radon"])["radon"]
@@ -99,6 +99,11 @@ def test_defaults_are_stable_at_lr_1e2_on_the_100d_target(family, steps):
     initial = current_elbo()
     losses = [svi.step() for _ in range(steps)]
     assert all(math.isfinite(loss) for loss in losses)
+    # A loss is a noisy -ELBO >= -log Z. The best guide on this posterior reaches ELBO
+    # -530 (docs/benchmarks/posteriors.md), and log Z is not 30 nats above it: a loss
+    # below 500 is a broken estimate (a CNF whose stiff field outran its solver's
+    # tolerance once gave -39,684), not a good guide.
+    assert min(losses) > 500.0, min(losses)
     assert current_elbo() > initial
 
 

@@ -15,6 +15,8 @@ from pyro_nf.flows import realnvp
 from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
 from pyro_nf.infer.autoguide import (
     GUIDE_CNF_LARGE_BLOCKS,
+    GUIDE_CNF_LARGE_INIT,
+    GUIDE_CNF_LARGE_TOL,
     GUIDE_REALNVP_LARGE_LAYERS,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
@@ -337,14 +339,19 @@ def test_cnf_guide_defaults_and_more_blocks_above_the_small_size():
     """cnf guides get the scaled field, the training tolerances and backpropagation through
     the solver at every size, the exact trace up to ``CNF_EXACT_TRACE_MAX_DIM`` latents
     and, above ``GUIDE_SMALL_MAX_DIM``, ``GUIDE_CNF_LARGE_BLOCKS`` ODE blocks unless the
-    user gives ``num_layers`` (or its alias ``num_blocks``)."""
+    user gives ``num_layers`` (or its alias ``num_blocks``), with PyTorch's initialisation
+    of the fields' hidden layers (``GUIDE_CNF_LARGE_INIT``) unless the user chooses one,
+    and tighter training tolerances (``GUIDE_CNF_LARGE_TOL``)."""
     small, large = GUIDE_SMALL_MAX_DIM, GUIDE_SMALL_MAX_DIM + 1
     common = {"state_scale": True, "rtol": 1e-3, "atol": 1e-3, "adjoint": False}
     assert guide_flow_defaults("cnf", small) == {**common, "trace": "exact"}
     assert guide_flow_defaults("cnf", large) == {
         **common,
         "trace": "hutchinson",
+        "rtol": GUIDE_CNF_LARGE_TOL,
+        "atol": GUIDE_CNF_LARGE_TOL,
         "num_layers": GUIDE_CNF_LARGE_BLOCKS,
+        "init": GUIDE_CNF_LARGE_INIT,
     }
     for user in ({"num_layers": 1}, {"num_blocks": 3}):
         assert "num_layers" not in guide_flow_defaults("cnf", large, user)
@@ -358,6 +365,13 @@ def test_cnf_guide_defaults_and_more_blocks_above_the_small_size():
         guide()
         ode_blocks = [m for m in guide.modules() if isinstance(m, ContinuousFlow)]
         assert len(ode_blocks) == blocks
+        assert {block.dynamics.init for block in ode_blocks} == {GUIDE_CNF_LARGE_INIT}
+    pyro.clear_param_store()
+    guide = AutoFlow(wide_model, flow="cnf", hidden_dims=(8,), init="preserve")
+    guide()
+    assert {m.dynamics.init for m in guide.modules() if isinstance(m, ContinuousFlow)} == {
+        "preserve"
+    }
 
 
 def test_bad_num_layers_gets_the_builders_error_not_the_defaults():
