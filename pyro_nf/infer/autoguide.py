@@ -131,12 +131,12 @@ GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf", "cnf")
 GUIDE_REALNVP_LARGE_LAYERS = 6
 
 #: The number of ODE blocks of a ``"cnf"`` guide above :data:`GUIDE_SMALL_MAX_DIM`
-#: latents (the builder's default, 1, below it). On the posterior suite's 31-latent
-#: logistic regression two blocks put the CNF guide ahead of Pyro's best guide on three of
-#: three seeds (by 0.13, 0.39 and 0.28 nats), where one block was 0.31 behind at seed 0;
-#: on the 100-latent radon model they narrow the gap at seed 0 (0.35 nats behind instead
-#: of 0.54) but do not close it, and three blocks gain nothing more
-#: (``docs/benchmarks/posteriors.md``).
+#: latents (the builder's default, 1, below it). With :data:`GUIDE_CNF_LARGE_INIT` and
+#: :data:`GUIDE_CNF_LARGE_TOL` two blocks put the CNF guide ahead of Pyro's best guide at
+#: three of three seeds on the posterior suite's 31-latent logistic regression (by 0.94
+#: to 1.25 nats) and 100-latent radon model (by 0.49 to 1.23), where one block at the
+#: builder's initialisation was 0.31 and 0.54 behind at seed 0; one block at PyTorch's
+#: initialisation stayed behind (``docs/benchmarks/posteriors.md``).
 GUIDE_CNF_LARGE_BLOCKS = 2
 
 #: The hidden layers' initialisation (``ODEDynamics(init=...)``) of a ``"cnf"`` guide's
@@ -146,8 +146,8 @@ GUIDE_CNF_LARGE_BLOCKS = 2
 #: default (``"preserve"``, chosen for density models) starts the field as a strongly
 #: nonlinear random function of all coordinates; on the posterior suite's 100-latent
 #: radon model ``"torch"`` takes the two-block CNF guide from 0.35-0.66 nats behind
-#: Pyro's best guide to ahead at three of three seeds, and it is ahead on the 31-latent
-#: logistic regression too; on the 2-D targets it lost (banana KL 0.109 against 0.040,
+#: Pyro's best guide to ahead at three of three seeds, and on the 31-latent logistic
+#: regression from 0.13-0.39 ahead to 0.94-1.25 ahead; on the 2-D targets it lost (banana KL 0.109 against 0.040,
 #: bimodal 0.448 against 0.062), so smaller guides keep ``"preserve"``
 #: (``docs/benchmarks/posteriors.md``).
 GUIDE_CNF_LARGE_INIT = "torch"
@@ -224,9 +224,10 @@ def guide_flow_defaults(
     - ``"cnf"``: dynamics that scale the state (``state_scale=True``: fields
       :math:`s \odot z + m`, which on the funnel put the guide ahead of Pyro's best guide
       on three of three seeds, by 0.92, 0.14 and 0.02 nats of ELBO, where the plain field
-      was 0.38 behind at seed 0), training tolerances
-      ``rtol = atol = 1e-3`` (up to :data:`GUIDE_SMALL_MAX_DIM` latents) and backpropagation through the solver (the builder's
-      ``1e-5`` and adjoint cost about 13x per step on a 100-dimensional latent), and
+      was 0.38 behind at seed 0), training tolerances ``rtol = atol = 1e-3`` (up to
+      :data:`GUIDE_SMALL_MAX_DIM` latents) and backpropagation through the solver (the
+      builder's ``1e-5`` and adjoint cost about 13x per step on a 100-dimensional
+      latent), and
       Hutchinson's trace above :data:`CNF_EXACT_TRACE_MAX_DIM` dimensions; above
       :data:`GUIDE_SMALL_MAX_DIM` latents :data:`GUIDE_CNF_LARGE_BLOCKS` ODE blocks unless
       the user gives ``num_layers`` (or ``num_blocks``), fields initialised as
