@@ -145,7 +145,9 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
     # suite); --flow-layers and --hidden override the builder's sizes when given.
     family = kind.removeprefix("AutoFlow-")
     options: dict[str, object] = {}
-    if args.flow_layers is not None and family != "cnf":  # a CNF guide has one ODE block
+    # --flow-layers counts the discrete flows' layers; a CNF guide keeps AutoFlow's
+    # number of ODE blocks (one, two above 16 latents).
+    if args.flow_layers is not None and family != "cnf":
         options["num_layers"] = args.flow_layers
     if args.hidden is not None:
         options["hidden_dims"] = (args.hidden,) * 2
