@@ -121,16 +121,7 @@ def test_unconstrained_flat_inverts_supports_in_site_order():
     torch.testing.assert_close(flat[:, 2:], draws["theta"])
 
 
-RADON_SHORT = pytest.mark.xfail(
-    reason="the stored radon reference is a short run (made within one session on a "
-    "shared machine): rerun benchmarks/posteriors_reference.py --targets radon longer",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "name", ["schools_c", "schools_nc", "logistic", pytest.param("radon", marks=RADON_SHORT)]
-)
+@pytest.mark.parametrize("name", ["schools_c", "schools_nc", "logistic", "radon"])
 def test_stored_nuts_reference(name):
     suite = load_suite()
     path = suite.REFERENCE_DIR / f"{name}.json"
