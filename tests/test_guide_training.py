@@ -235,7 +235,8 @@ def test_affine_default_per_family(flow, expected):
 @pytest.mark.parametrize("flow", ["iaf", "maf", "realnvp", "cnf"])
 def test_training_defaults_by_family_and_latent_size(flow):
     """realnvp, maf and cnf guides above GUIDE_SMALL_MAX_DIM latents get the triangular
-    layer and the path gradient; an explicit argument wins; iaf keeps the total gradient."""
+    layer and the path gradient; an explicit argument wins; iaf keeps the total gradient
+    and smaller guides the total gradient, but cnf guides the path gradient."""
     large = GUIDE_SMALL_MAX_DIM + 1
 
     def wide_model() -> None:
@@ -257,7 +258,20 @@ def test_training_defaults_by_family_and_latent_size(flow):
         "affine": "triangular",
         "gradient": "path" if flow in ("realnvp", "maf", "cnf") else "total",
     }
-    assert guide_training_defaults(flow, GUIDE_SMALL_MAX_DIM)["gradient"] == "total"
+    # Up to GUIDE_SMALL_MAX_DIM latents only cnf guides take the path gradient.
+    assert guide_training_defaults(flow, GUIDE_SMALL_MAX_DIM)["gradient"] == (
+        "path" if flow == "cnf" else "total"
+    )
+
+    def small_model() -> None:
+        pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    sizes = {"hidden_dims": (8,)} if flow == "cnf" else {"num_layers": 2, "hidden_dims": (40,)}
+    guide = AutoFlow(small_model, flow=flow, **sizes)
+    guide()
+    path = isinstance(guide.get_posterior(), PathDerivativeDistribution)
+    assert path == (flow == "cnf")
 
 
 def _coupling_function_names(guide: AutoFlow) -> list[str]:
