@@ -7,8 +7,9 @@ latents, for D = 2, 10, 100 and 1000, timed side by side, round by round:
   ``AutoNormalizingFlow`` with ``iterated(L, affine_autoregressive)`` (both L affine
   autoregressive layers on ``AutoRegressiveNN`` of the same hidden sizes); the
   default's spline layers between affine ones are timed beside the same architecture
-  as Pyro's, ``coupling_function="affine"`` (with the triangular and the diagonal
-  affine layer);
+  as Pyro's, ``coupling_function="affine"`` with Pyro's (total) gradient (with the
+  triangular and the diagonal affine layer), and with the path gradient, the default
+  from 17 to 100 latents;
 - ``AutoFlow(flow="realnvp")`` against ``AutoNormalizingFlow`` with
   ``iterated(L, affine_coupling)`` (D >= 2).
 
@@ -90,13 +91,23 @@ def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[
 
     builders: dict[str, dict[str, Callable[[], Callable]]] = {
         f"iaf D={dim}": {
-            # The default (up to 16 latents: spline layers between affine ones), then
-            # Pyro's architecture (affine layers only) with the default's triangular
-            # affine layer (a D x D product) and with the diagonal one.
+            # The default (up to 16 latents: spline layers between affine ones; from 17
+            # to 100 the path gradient), then Pyro's architecture and gradient (affine
+            # layers only, the total gradient) with the default's triangular affine
+            # layer (a D x D product) and with the diagonal one, and that architecture
+            # with the path gradient (D sequential passes per layer to score a draw).
             "AutoFlow(iaf)": iaf_guide("AutoFlow"),
-            "AutoFlow(iaf, affine)": iaf_guide("AutoFlowAffine", coupling_function="affine"),
+            "AutoFlow(iaf, affine)": iaf_guide(
+                "AutoFlowAffine", coupling_function="affine", gradient="total"
+            ),
             "AutoFlow(iaf, affine, diagonal)": iaf_guide(
-                "AutoFlowAffineDiagonal", coupling_function="affine", affine="diagonal"
+                "AutoFlowAffineDiagonal",
+                coupling_function="affine",
+                affine="diagonal",
+                gradient="total",
+            ),
+            "AutoFlow(iaf, affine, path)": iaf_guide(
+                "AutoFlowAffinePath", coupling_function="affine", gradient="path"
             ),
             "AutoIAFNormal": lambda: AutoIAFNormal(
                 model, hidden_dim=hidden, num_transforms=NUM_LAYERS

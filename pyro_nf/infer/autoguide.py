@@ -55,6 +55,7 @@ __all__ = [
     "GUIDE_CNF_LARGE_TOL",
     "GUIDE_PATH_ALL",
     "GUIDE_PATH_LARGE",
+    "GUIDE_PATH_MAX_DIM",
     "GUIDE_REALNVP_LARGE_LAYERS",
     "GUIDE_SPLINE_INTERLEAVED",
     "GUIDE_SMALL_MAX_DIM",
@@ -117,11 +118,20 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 GUIDE_SMALL_MAX_DIM = 16
 
 #: The named flow families whose guides above :data:`GUIDE_SMALL_MAX_DIM` latents get the
-#: triangular affine layer and the path-derivative gradient (:func:`guide_training_defaults`).
-#: realnvp and maf score a draw's path gradient with one pass of their cheap density
-#: direction, cnf with one more ODE solve (an iaf guide would pay ``D`` sequential passes
-#: per layer for it).
-GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf", "cnf")
+#: triangular affine layer and the path-derivative gradient (:func:`guide_training_defaults`),
+#: up to :data:`GUIDE_PATH_MAX_DIM` where it names the family. realnvp and maf score a
+#: draw's path gradient with one pass of their cheap density direction, cnf with one more
+#: ODE solve, iaf with ``D`` sequential passes per layer.
+GUIDE_PATH_LARGE: tuple[str, ...] = ("realnvp", "maf", "cnf", "iaf")
+
+#: The largest latent size at which a family of :data:`GUIDE_PATH_LARGE` gets the path
+#: gradient, for the families whose path gradient costs more with ``D``. An iaf guide's
+#: step with it costs 5.5x the total gradient's at 31 latents, 10x at 100, 11x at 300 and
+#: 17x at 1000 (``benchmarks/svi_steps.py``, 7 s a step there); on the suite's 31- and 100-latent
+#: targets it bought 0.5-0.6 and 1.0-1.6 nats of ELBO and all three moment bars on radon
+#: (``docs/benchmarks/posteriors.md``). Above 100, the largest size measured, iaf keeps
+#: its cheap total gradient; ``AutoFlow(model, gradient="path")`` asks for it.
+GUIDE_PATH_MAX_DIM: dict[str, int] = {"iaf": 100}
 
 #: The named flow families whose guides train with the path-derivative gradient at every
 #: latent size (the affine layer stays :data:`GUIDE_AFFINE_DEFAULTS`' up to
@@ -204,7 +214,8 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
     ``"diagonal"``); ``gradient``: ``"path"`` for the families of
     :data:`GUIDE_PATH_ALL` (``"cnf"``), else ``"total"``. Above
     :data:`GUIDE_SMALL_MAX_DIM` latents the families of :data:`GUIDE_PATH_LARGE`
-    (``"realnvp"``, ``"maf"`` and ``"cnf"``) get ``"triangular"`` and ``"path"``.
+    (``"realnvp"``, ``"maf"``, ``"cnf"`` and, up to ``GUIDE_PATH_MAX_DIM["iaf"] = 100``
+    latents, ``"iaf"``) get ``"triangular"`` and ``"path"``.
 
     Example:
         >>> guide_training_defaults("realnvp", 10)
@@ -213,8 +224,11 @@ def guide_training_defaults(family: str | None, dim: int) -> dict[str, str]:
         {'affine': 'triangular', 'gradient': 'path'}
         >>> guide_training_defaults("cnf", 10)
         {'affine': 'diagonal', 'gradient': 'path'}
+        >>> guide_training_defaults("iaf", 100), guide_training_defaults("iaf", 101)["gradient"]
+        ({'affine': 'triangular', 'gradient': 'path'}, 'total')
     """
-    if family in GUIDE_PATH_LARGE and dim > GUIDE_SMALL_MAX_DIM:
+    path_max_dim = GUIDE_PATH_MAX_DIM.get(family or "", math.inf)
+    if family in GUIDE_PATH_LARGE and GUIDE_SMALL_MAX_DIM < dim <= path_max_dim:
         return {"affine": "triangular", "gradient": "path"}
     gradient = "path" if family in GUIDE_PATH_ALL else "total"
     return {"affine": GUIDE_AFFINE_DEFAULTS.get(family, "diagonal"), "gradient": gradient}
@@ -353,12 +367,14 @@ class AutoFlow(AutoContinuous):
             approaches the posterior. The scoring runs the flow's inverse: one pass per
             layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per layer for
             ``"iaf"``, one more ODE solve for ``"cnf"``. The default (``None``,
-            :func:`guide_training_defaults`) is ``"path"`` for ``"cnf"`` guides and for
-            ``"realnvp"`` and ``"maf"`` above 16 latents, ``"total"`` otherwise: on the
-            posterior suite ``"path"`` with the triangular layer puts real NVP, MAF and
-            the CNF ahead of Pyro's best guide on the 31- and 100-latent targets and
-            the small CNF guides ahead on every small target, while small real NVP
-            guides with ``"path"`` cover one mode of the bimodal target more often
+            :func:`guide_training_defaults`) is ``"path"`` for ``"cnf"`` guides, for
+            ``"realnvp"`` and ``"maf"`` above 16 latents and for ``"iaf"`` from 17 to
+            100 latents, ``"total"`` otherwise: on the posterior suite ``"path"`` with
+            the triangular layer puts every family ahead of Pyro's best guide on the
+            31- and 100-latent targets (iaf by 1.3 nats more than the total gradient on
+            the 100-latent one, at 10x the cost per step) and the small CNF guides
+            ahead on every small target, while small real NVP guides with ``"path"``
+            cover one mode of the bimodal target more often
             (``docs/benchmarks/posteriors.md``).
         affine: the scale ``L`` of the affine layer after the flow: ``"diagonal"``
             (``diag(sigma)``) or ``"triangular"`` (``diag(sigma) (I + W / sqrt(D))``
