@@ -114,7 +114,7 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 #:   alone lost on the small targets; maf guides (triangular already) get the path gradient, 0.6
 #:   and 1.7 nats ahead of the total gradient there (``docs/benchmarks/posteriors.md``);
 #:   cnf guides get both too, 0.5 and 0.9 nats ahead of the diagonal layer and the total
-#:   gradient there.
+#:   gradient there; iaf guides get the path gradient up to :data:`GUIDE_PATH_MAX_DIM`.
 GUIDE_SMALL_MAX_DIM = 16
 
 #: The named flow families whose guides above :data:`GUIDE_SMALL_MAX_DIM` latents get the
