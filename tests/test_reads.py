@@ -59,6 +59,29 @@ def test_evaluating_a_trained_guide_changes_nothing(family):
         assert torch.equal(value.detach(), store_before[name]), f"{name} moved"
 
 
+def wide_normal(data=None):
+    # 17 latents: above GUIDE_SMALL_MAX_DIM, where every family's guide trains with the
+    # path gradient, whose log_prob runs the flow's inverse with detached parameters.
+    pyro.sample("z", dist.Normal(torch.zeros(17), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize("family", list(FLOW_BUILDERS))
+def test_evaluating_a_trained_path_gradient_guide_changes_nothing(family):
+    options = {"hidden_dims": (8,)} if family == "cnf" else {"num_layers": 2, "hidden_dims": (40,)}
+    guide = pyro_nf.AutoFlow(wide_normal, flow=family, **options)
+    svi = SVI(wide_normal, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    assert isinstance(guide.get_posterior(), pyro_nf.infer.PathDerivativeDistribution)
+    before = _snapshot(guide)
+    losses = [Trace_ELBO().loss(wide_normal, guide) for _ in range(2)]
+    losses.append(svi.evaluate_loss())
+    Predictive(wide_normal, guide=guide, num_samples=20)()
+    pyro_nf.psis_diagnostic(wide_normal, guide, num_samples=32)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert _changed(guide, before) == []
+
+
 @pytest.mark.parametrize("family", ["realnvp", "maf", "iaf"])
 def test_training_steps_keep_no_batch_alive(family):
     """The pair cache's backward hooks must not hold the cached tensors: a cycle through
