@@ -399,7 +399,8 @@ def realnvp(
 
     Layer ``i`` keeps one half of the coordinates and transforms the other half with
     ``h(z_B; g(z_A))``; consecutive layers swap the halves (the reference text's
-    double layer), so every coordinate is transformed. Direction: both z -> x
+    double layer; with ``permutation="reverse"`` the glue layer swaps them), so every
+    coordinate is transformed. Direction: both z -> x
     (sampling) and x -> z (density) are one pass per layer.
 
     Arguments:
@@ -441,9 +442,14 @@ def realnvp(
     for i, function in enumerate(functions):
         if actnorm:
             layers.append(ActNorm(dim))
+        # Consecutive layers swap the halves. A reverse glue layer swaps them itself
+        # (alternating the masks too would swap them back, and the same half would be
+        # transformed in every layer), so then every layer transforms the first
+        # ceil(D / 2) positions, which with their reverse image cover every coordinate.
+        first_half = i % 2 == 0 if permutation != "reverse" else False
         layers.append(
             Coupling(
-                half_mask(dim, first_half=i % 2 == 0),
+                half_mask(dim, first_half=first_half),
                 function,
                 hidden_dims=hidden_dims,
                 context_dim=context_dim,

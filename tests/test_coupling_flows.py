@@ -29,6 +29,26 @@ def test_realnvp_double_layer_transforms_every_coordinate():
     assert torch.equal(masks[0], ~masks[1]), "consecutive layers must swap the halves"
 
 
+@pytest.mark.parametrize("dim", [4, 5])
+@pytest.mark.parametrize("permutation", [None, "reverse"])
+def test_realnvp_double_layer_transforms_every_coordinate_with_its_glue(permutation, dim):
+    """Two layers (with a reverse glue layer between them, or none) leave no output a
+    copy of an input: a row of the Jacobian that is a unit vector is a coordinate that
+    no layer transformed (with alternating masks a reverse glue layer swapped the halves
+    back, so half the coordinates passed through every layer untouched)."""
+    torch.manual_seed(0)
+    flow = pyro_nf.realnvp(dim, num_layers=2, hidden_dims=(8,), permutation=permutation)
+    flow.double()
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    jacobian = torch.autograd.functional.jacobian(flow.transform, torch.randn(dim).double())
+    copies = [
+        row for row in range(dim) if torch.equal(jacobian[row].abs(), jacobian[row].abs().round())
+    ]
+    assert copies == [], f"outputs {copies} copy an input"
+
+
 @pytest.mark.parametrize("permutation", ["reverse", "random", "lu"])
 def test_realnvp_with_glue_layers_round_trips(permutation):
     flow = pyro_nf.realnvp(4, num_layers=3, hidden_dims=(8,), permutation=permutation, actnorm=True)
@@ -124,7 +144,8 @@ def test_replacing_a_nested_submodule_or_parameter_invalidates_the_cache():
 
 def test_reprs_say_what_each_layer_is():
     realnvp = repr(pyro_nf.realnvp(4, num_layers=2, hidden_dims=(8,), permutation="reverse"))
-    assert "Coupling(dim=4, coupling_function=Affine(" in realnvp and "mask=1100" in realnvp
+    # With a reverse glue layer every layer conditions on the last half (the glue swaps).
+    assert "Coupling(dim=4, coupling_function=Affine(" in realnvp and "mask=0011" in realnvp
     assert "Permutation(dim=4, permutation=reverse)" in realnvp
     maf = repr(pyro_nf.maf(4, num_layers=1, hidden_dims=(8, 8), order="reverse").layers[0])
     assert maf.startswith("MaskedAutoregressive(dim=4, coupling_function=Affine(")
