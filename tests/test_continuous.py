@@ -247,6 +247,50 @@ def test_rsample_then_log_prob_runs_one_solve():
     assert block.ode.nfe_forward == nfe and block.ode.nfe_backward > 0
 
 
+@pytest.mark.parametrize("adjoint", [True, False], ids=["adjoint", "direct"])
+def test_state_only_solve_equals_the_augmented_solve_and_its_gradients(adjoint):
+    torch.manual_seed(0)
+    flow = tiny_flow(2, adjoint=adjoint, learn_time=True, activation="softplus")
+    z = torch.randn(5, 2, dtype=torch.float64)
+    weights = torch.randn(5, 2, dtype=torch.float64)
+    gradients = []
+    for draw in (lambda v: flow.forward_and_log_det(v)[0], flow.forward_without_log_det):
+        flow.zero_grad()
+        inputs = z.clone().requires_grad_(True)
+        (draw(inputs) * weights).sum().backward()
+        gradients.append([p.grad.clone() for p in flow.parameters()] + [inputs.grad])
+    for augmented, state_only in zip(*gradients, strict=True):
+        torch.testing.assert_close(state_only, augmented, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(flow.forward_without_log_det(z), flow(z), rtol=1e-8, atol=1e-9)
+
+
+def test_state_only_solve_evaluates_no_trace_and_caches_nothing(monkeypatch):
+    flow = tiny_flow(2)
+    traces = []
+    monkeypatch.setattr(
+        "pyro_nf.transforms.continuous.exact_trace",
+        lambda *args: traces.append(1) or exact_trace(*args),
+    )
+    z = torch.randn(4, 2, dtype=torch.float64)
+    x = flow.forward_without_log_det(z)
+    assert traces == [] and flow.ode.num_solves == 1 and flow.ode.nfe_forward > 0
+    flow.log_abs_det_jacobian(z, x)  # not in the cache: the augmented solve
+    assert traces and flow.ode.num_solves == 2
+
+
+def test_state_only_solve_keeps_the_regularizers_and_the_nan_rows():
+    regularized = tiny_flow(2, regularize=True)
+    z = torch.randn(3, 2, dtype=torch.float64)
+    regularized.forward_without_log_det(z)
+    assert set(regularized.regularization) == {"kinetic_energy", "jacobian_frobenius"}
+    flow = tiny_flow(2)
+    z[1, 0] = float("nan")
+    x = flow.forward_without_log_det(z)
+    assert x[1].isnan().all() and x[[0, 2]].isfinite().all()
+    torch.testing.assert_close(x[[0, 2]], flow(z[[0, 2]]))
+    assert flow.forward_without_log_det(z[:0]).shape == (0, 2)
+
+
 def test_float32_solve_with_float64_tolerances_does_not_stall():
     torch.manual_seed(0)
     ode = NeuralODE(

@@ -43,6 +43,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
 from pyro_nf.flows import FLOW_BUILDERS, Flow, flow_builder
+from pyro_nf.transforms.base import FlowTransform
 
 __all__ = [
     "FLOW_FAMILIES",
@@ -763,6 +764,24 @@ class PathDerivativeDistribution(dist.TransformedDistribution):
         new = self._get_checked_instance(PathDerivativeDistribution, _instance)
         new._score = self._score
         return super().expand(batch_shape, _instance=new)
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        """``x = T(u)``, each flow layer by its ``forward_without_log_det``.
+
+        ``log_prob`` never reads the draw's log-determinant, so a CNF layer solves the
+        state alone (:meth:`~pyro_nf.transforms.FlowTransform.forward_without_log_det`).
+        """
+        value = self.base_dist.rsample(sample_shape)
+        for transform in self.transforms:
+            if isinstance(transform, FlowTransform):
+                value = transform.forward_without_log_det(value)
+            else:
+                value = transform(value)
+        return value
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
         log_q = self._score(value)

@@ -387,6 +387,17 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         """
         return self._cached_pass(z, None, self._pair_cache, inverse=False)
 
+    def forward_without_log_det(self, z: Tensor) -> Tensor:
+        """z -> x for a draw whose log-determinant is never asked for.
+
+        The path-gradient draw (:class:`~pyro_nf.infer.PathDerivativeDistribution`)
+        scores its draws with detached parameters, so the pass's log-det is never used.
+        Here it is ``self(z)``: the cached pass, whose log-det costs most transforms
+        nothing extra. :class:`~pyro_nf.transforms.ContinuousFlow` solves the state
+        alone, without the trace of the field's Jacobian.
+        """
+        return self(z)
+
     def cached_inverse_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, log |det dx/dz|)`` of ``t.inv(x)`` in one call, through the pair cache."""
         return self._cached_pass(x, None, self._pair_cache, inverse=True)

@@ -315,13 +315,16 @@ class ContinuousFlow(FlowTransform):
         return self._regularization
 
     # ----------------------------------------------------------------- the solve
-    def _solve(self, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _solve(
+        self, value: Tensor, context: Tensor | None, inverse: bool, with_log_det: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """One solve over the finite rows; empty batches and non-finite rows never reach it.
 
         An adaptive solver takes one step size for the whole batch, so a single row
         with an infinite or NaN entry would drive it to a zero step ("underflow in dt").
         Such rows are left out of the solve and come back as NaN (the answer of every
-        other family for them), and an empty batch needs no solve at all.
+        other family for them), and an empty batch needs no solve at all. Without
+        ``with_log_det`` the state is solved alone and the log-det returned is zeros.
         """
         if torch.jit.is_tracing():
             raise NotImplementedError(
@@ -338,17 +341,17 @@ class ContinuousFlow(FlowTransform):
         if _is_compiling():
             # Under torch.compile a data-dependent branch would break the graph: every
             # row goes to the solver, as written by the caller.
-            return self._solve_rows(value, context, inverse)
+            return self._solve_rows(value, context, inverse, with_log_det)
         finite = torch.isfinite(value).all(-1)
         if context is not None:
             finite = finite & torch.isfinite(context).all(-1)
         if bool(finite.all()):
-            return self._solve_rows(value, context, inverse)
+            return self._solve_rows(value, context, inverse, with_log_det)
         output = torch.full_like(value, float("nan"))
         log_det = value.new_full(batch_shape, float("nan"))
         if bool(finite.any()):
             rows = (value[finite], None if context is None else context[finite])
-            output[finite], log_det[finite] = self._solve_rows(*rows, inverse)
+            output[finite], log_det[finite] = self._solve_rows(*rows, inverse, with_log_det)
             if self._regularization is not None:
                 self._regularization = {
                     name: value.new_full(batch_shape, float("nan")).index_put((finite,), term)
@@ -357,18 +360,35 @@ class ContinuousFlow(FlowTransform):
         return output, log_det
 
     def _solve_rows(
-        self, value: Tensor, context: Tensor | None, inverse: bool
+        self, value: Tensor, context: Tensor | None, inverse: bool, with_log_det: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """The augmented solve of ``(z, log-det[, regularizers])`` for finite rows."""
+        """The augmented solve of ``(z, log-det[, regularizers])`` for finite rows.
+
+        Without ``with_log_det`` (and without ``regularize``) the state ``z`` alone,
+        and the log-det returned is zeros.
+        """
         end_time = self.end_time.to(value)
         dynamics = self.ode.dynamics
         regularize = self.regularize
         exact = self.trace == "exact"
-        # One probe per solve: the adjoint solve of the backward pass reuses it.
-        probe = None if exact else draw_probe(value, self.probe)
+        zeros = value.new_zeros(value.shape[:-1])
+        times = value.new_tensor([1.0, 0.0] if inverse else [0.0, 1.0])
         adjoint_params = [p for p in self.parameters() if p.requires_grad]
         if context is not None and context.requires_grad:
             adjoint_params.append(context)
+
+        def field(s: Tensor, z: Tensor) -> Tensor:
+            t = s * end_time
+            return dynamics(t, z) if context is None else dynamics(t, z, context)
+
+        if not (with_log_det or regularize):
+            self._regularization = None
+            state_only = self.ode.solve(
+                lambda s, state: (end_time * field(s, state[0]),), (value,), times, adjoint_params
+            )
+            return state_only[0][-1], zeros
+        # One probe per solve: the adjoint solve of the backward pass reuses it.
+        probe = None if exact else draw_probe(value, self.probe)
         differentiable = value.requires_grad or bool(adjoint_params)
 
         def augmented(s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -378,8 +398,7 @@ class ContinuousFlow(FlowTransform):
                 z = state[0]
                 if not z.requires_grad:
                     z = z.detach().requires_grad_(True)
-                t = s * end_time
-                f = dynamics(t, z) if context is None else dynamics(t, z, context)
+                f = field(s, z)
                 if exact:
                     trace, frobenius = exact_trace(f, z, create_graph, regularize)
                 else:
@@ -392,9 +411,7 @@ class ContinuousFlow(FlowTransform):
                 derivatives = tuple(d.detach() for d in derivatives)
             return derivatives
 
-        zeros = value.new_zeros(value.shape[:-1])
         initial = (value, zeros) + ((zeros, zeros) if regularize else ())
-        times = value.new_tensor([1.0, 0.0] if inverse else [0.0, 1.0])
         solution = self.ode.solve(augmented, initial, times, adjoint_params)
         sign = -1.0 if inverse else 1.0
         if regularize:
@@ -415,6 +432,25 @@ class ContinuousFlow(FlowTransform):
         self, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         return self._solve(x, context, inverse=True)
+
+    def forward_without_log_det(self, z: Tensor) -> Tensor:
+        """z -> x by a solve of the state alone, for a draw whose log-det is never used.
+
+        No trace of the field's Jacobian (D vector-Jacobian products per evaluation
+        with ``trace="exact"``, one with ``"hutchinson"``), and the solver's step
+        control sees the state alone. Nothing is cached. With ``regularize=True`` it is
+        the full solve, whose regularizers belong to the loss.
+
+        Example:
+            >>> flow = ContinuousFlow(2, hidden_dims=(8,), rtol=1e-6, atol=1e-6)
+            >>> z = torch.randn(4, 2)
+            >>> torch.allclose(flow.forward_without_log_det(z), flow(z), atol=1e-4)
+            True
+        """
+        if self.regularize:
+            return self(z)
+        self._check(z, None, "input z")
+        return self._solve(z, None, inverse=False, with_log_det=False)[0]
 
     def __getstate__(self) -> dict:
         # The regularizers hold the last solve's autograd graph, which cannot be copied.
