@@ -18,6 +18,7 @@ from pyro_nf.infer.autoguide import (
     GUIDE_CNF_LARGE_INIT,
     GUIDE_CNF_LARGE_TOL,
     GUIDE_REALNVP_LARGE_LAYERS,
+    GUIDE_REALNVP_LARGE_PERMUTATION,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
     guide_flow_defaults,
@@ -327,26 +328,35 @@ def test_spline_layers_only_up_to_their_dimension(flow):
     assert _coupling_function_names(guide) == ["Affine"] * 5
 
 
-def test_realnvp_guides_above_the_small_size_get_more_layers():
+def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():
     """realnvp guides above ``GUIDE_SMALL_MAX_DIM`` latents get
-    ``GUIDE_REALNVP_LARGE_LAYERS`` coupling layers; a user's ``num_layers`` wins; below
-    the cut (and for other families) the builder's default stays."""
+    ``GUIDE_REALNVP_LARGE_LAYERS`` coupling layers with ``GUIDE_REALNVP_LARGE_PERMUTATION``
+    glue layers between them; a user's ``num_layers`` or ``permutation`` wins; below
+    the cut (and for other families) the builder's defaults stay."""
     large = GUIDE_SMALL_MAX_DIM + 1
-    assert guide_flow_defaults("realnvp", large) == {"num_layers": GUIDE_REALNVP_LARGE_LAYERS}
-    assert guide_flow_defaults("realnvp", large, {"num_layers": 3}) == {}
+    assert guide_flow_defaults("realnvp", large) == {
+        "num_layers": GUIDE_REALNVP_LARGE_LAYERS,
+        "permutation": GUIDE_REALNVP_LARGE_PERMUTATION,
+    }
+    assert guide_flow_defaults("realnvp", large, {"num_layers": 3, "permutation": None}) == {}
     assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM) == {}
 
     def wide_model() -> None:
         pyro.sample("x", dist.Normal(torch.zeros(large), 1.0).to_event(1))
 
+    def layer_names(guide: AutoFlow) -> list[str]:
+        return [type(layer).__name__ for layer in guide.flow.layers]
+
     pyro.clear_param_store()
     guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,))
     guide()
     assert len(_coupling_function_names(guide)) == GUIDE_REALNVP_LARGE_LAYERS
+    assert layer_names(guide)[1::2] == ["LULinear"] * (GUIDE_REALNVP_LARGE_LAYERS - 1)
     pyro.clear_param_store()
-    guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,), num_layers=2)
+    guide = AutoFlow(wide_model, flow="realnvp", hidden_dims=(8,), num_layers=2, permutation=None)
     guide()
     assert len(_coupling_function_names(guide)) == 2
+    assert layer_names(guide) == ["Coupling", "Coupling"]
 
 
 def test_cnf_guide_defaults_and_more_blocks_above_the_small_size():

@@ -136,12 +136,18 @@ class LULinear(FlowTransform):
     r"""An invertible linear map in LU form (Glow's invertible 1x1 convolution on vectors).
 
     .. math::
-        x = W z + b, \qquad W = P L (U + \operatorname{diag}(e^{s})), \qquad
+        x = W z + b, \qquad W = P \Big(I + \frac{A_L}{\sqrt D}\Big)
+            \Big(\frac{A_U}{\sqrt D} + \operatorname{diag}(e^{s})\Big), \qquad
         \log|\det W| = \sum_i s_i
 
-    ``P`` is a fixed permutation (a buffer), ``L`` unit lower triangular and ``U``
-    strictly upper triangular (both learned), ``s`` the learned log-diagonal.
-    Initialized at the identity map.
+    ``P`` is a fixed permutation (a buffer), ``A_L`` strictly lower and ``A_U``
+    strictly upper triangular (both learned, :attr:`lower` and :attr:`upper`), ``s``
+    the learned log-diagonal. Initialized at the identity map. The off-diagonal
+    factors are scaled by :math:`1/\sqrt D`, as in ``AutoFlow``'s affine layer: Adam
+    moves every entry by about the learning rate, so unscaled the D^2 / 2 entries of
+    a factor move the map by about the learning rate times D per step (real NVP guides
+    with LU glue layers gave NaN at lr 1e-2 on a 100-latent posterior; scaled they are
+    the best realnvp guides there, ``docs/benchmarks/posteriors.md``).
 
     Direction: z -> x is one matrix product; x -> z two triangular solves.
 
@@ -172,8 +178,10 @@ class LULinear(FlowTransform):
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.dim, dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower * self.strict_lower_mask + eye
-        upper = self.upper * self.strict_lower_mask.T + torch.diag(torch.exp(self.log_diagonal))
+        scale = self.dim**-0.5
+        lower = self.lower * (scale * self.strict_lower_mask) + eye
+        upper = self.upper * (scale * self.strict_lower_mask.T)
+        upper = upper + torch.diag(torch.exp(self.log_diagonal))
         return lower, upper
 
     def _log_det(self, value: Tensor) -> Tensor:
