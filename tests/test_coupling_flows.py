@@ -6,7 +6,7 @@ import torch
 import pyro_nf
 from pyro_nf import datasets
 from pyro_nf.demo import fit_with_svi, gaussian_log_likelihood, main
-from pyro_nf.transforms import Coupling
+from pyro_nf.transforms import Coupling, LULinear
 
 
 @pytest.mark.parametrize("coupling", ["affine", "additive", "spline"])
@@ -56,6 +56,25 @@ def test_realnvp_with_glue_layers_round_trips(permutation):
     z = torch.randn(7, 4, dtype=torch.float64)
     transform = flow.transform
     torch.testing.assert_close(transform.inv(transform(z)), z)
+
+
+@pytest.mark.parametrize("dim", [3, 16])
+def test_lu_linear_scales_its_triangular_factors_by_inverse_sqrt_dim(dim):
+    """W = P (I + A_L / sqrt(D)) (A_U / sqrt(D) + diag(e^s)), the docstring's map: a unit
+    step in every entry of A_L or A_U moves W by O(sqrt(D)), not O(D)."""
+    torch.manual_seed(0)
+    layer = LULinear(dim, permutation="random").double()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    scale = dim**-0.5
+    lower = torch.eye(dim, dtype=torch.float64) + scale * layer.lower.detach().tril(-1)
+    upper = scale * layer.upper.detach().triu(1) + torch.diag(layer.log_diagonal.detach().exp())
+    weight = (lower @ upper)[torch.argsort(layer.permutation)]
+    z = torch.randn(5, dim, dtype=torch.float64)
+    x, log_det = layer.forward_and_log_det(z)
+    torch.testing.assert_close(x, z @ weight.T + layer.bias.detach())
+    torch.testing.assert_close(log_det, torch.linalg.slogdet(weight)[1].expand(5))
 
 
 def test_flow_follows_dtype_moves():
