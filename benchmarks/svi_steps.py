@@ -117,8 +117,9 @@ def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[
             ),
         },
         f"realnvp D={dim}": {
+            # No glue layer, as Pyro's stack (AutoFlow's LU default above 16 latents).
             "AutoFlow(realnvp)": lambda: AutoFlow(
-                model, flow="realnvp", num_layers=NUM_LAYERS, hidden_dims=hidden
+                model, flow="realnvp", num_layers=NUM_LAYERS, hidden_dims=hidden, permutation=None
             ),
             "AutoNormalizingFlow(affine_coupling)": lambda: AutoNormalizingFlow(
                 model, partial(T.iterated, NUM_LAYERS, T.affine_coupling, hidden_dims=hidden)
