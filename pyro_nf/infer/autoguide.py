@@ -799,6 +799,7 @@ class PathDerivativeDistribution(dist.TransformedDistribution):
         return value
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        """:meth:`rsample` without a graph, shape ``sample_shape + batch_shape + (D,)``."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 

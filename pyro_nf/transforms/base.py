@@ -388,7 +388,7 @@ class FlowTransform(PairCacheMixin, TransformModule, ConditionalTransform):
         return self._cached_pass(z, None, self._pair_cache, inverse=False)
 
     def forward_without_log_det(self, z: Tensor) -> Tensor:
-        """z -> x for a draw whose log-determinant is never asked for.
+        """z -> x, shape ``(..., D)`` to ``(..., D)``, for a draw whose log-det is never read.
 
         The path-gradient draw (:class:`~pyro_nf.infer.PathDerivativeDistribution`)
         scores its draws with detached parameters, so the pass's log-det is never used.

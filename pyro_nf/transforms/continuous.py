@@ -434,9 +434,10 @@ class ContinuousFlow(FlowTransform):
         return self._solve(x, context, inverse=True)
 
     def forward_without_log_det(self, z: Tensor) -> Tensor:
-        """z -> x by a solve of the state alone, for a draw whose log-det is never used.
+        r"""z -> x, ``(..., D)`` to ``(..., D)``, by a solve of the state alone.
 
-        No trace of the field's Jacobian (D vector-Jacobian products per evaluation
+        For a draw whose log-det is never read: :math:`x = z + \int_0^T f(z(t), t)\,dt`
+        with no trace of the field's Jacobian (D vector-Jacobian products per evaluation
         with ``trace="exact"``, one with ``"hutchinson"``), and the solver's step
         control sees the state alone. Nothing is cached. With ``regularize=True`` it is
         the full solve, whose regularizers belong to the loss.

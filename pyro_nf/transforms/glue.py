@@ -146,8 +146,8 @@ class LULinear(FlowTransform):
     factors are scaled by :math:`1/\sqrt D`, as in ``AutoFlow``'s affine layer: Adam
     moves every entry by about the learning rate, so unscaled the D^2 / 2 entries of
     a factor move the map by about the learning rate times D per step (real NVP guides
-    with LU glue layers gave NaN at lr 1e-2 on a 100-latent posterior; scaled they are
-    the best realnvp guides there, ``docs/benchmarks/posteriors.md``).
+    with LU glue layers gave NaN at lr 1e-2 on a 100-latent posterior; scaled, they
+    meet its moment bars at five of five seeds, ``docs/benchmarks/posteriors.md``).
 
     Direction: z -> x is one matrix product; x -> z two triangular solves.
 
