@@ -19,6 +19,8 @@ from pyro_nf.infer.autoguide import (
     GUIDE_CNF_LARGE_TOL,
     GUIDE_REALNVP_LARGE_LAYERS,
     GUIDE_REALNVP_LARGE_PERMUTATION,
+    GUIDE_REALNVP_LU_MAX_DIM,
+    GUIDE_REALNVP_NO_GLUE_LAYERS,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
     guide_flow_defaults,
@@ -331,8 +333,10 @@ def test_spline_layers_only_up_to_their_dimension(flow):
 def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():
     """realnvp guides above ``GUIDE_SMALL_MAX_DIM`` latents get
     ``GUIDE_REALNVP_LARGE_LAYERS`` coupling layers with ``GUIDE_REALNVP_LARGE_PERMUTATION``
-    glue layers between them; a user's ``num_layers`` or ``permutation`` wins; below
-    the cut (and for other families) the builder's defaults stay."""
+    glue layers between them up to ``GUIDE_REALNVP_LU_MAX_DIM`` latents and
+    ``GUIDE_REALNVP_NO_GLUE_LAYERS`` glue-less ones above; a user's ``num_layers`` or
+    ``permutation`` wins; below the cut (and for other families) the builder's
+    defaults stay."""
     large = GUIDE_SMALL_MAX_DIM + 1
     assert guide_flow_defaults("realnvp", large) == {
         "num_layers": GUIDE_REALNVP_LARGE_LAYERS,
@@ -340,6 +344,14 @@ def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():
     }
     assert guide_flow_defaults("realnvp", large, {"num_layers": 3, "permutation": None}) == {}
     assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM) == {}
+    # An LU layer holds D^2 parameters: above the cap, glue-less couplings.
+    assert guide_flow_defaults("realnvp", GUIDE_REALNVP_LU_MAX_DIM) == {
+        "num_layers": GUIDE_REALNVP_LARGE_LAYERS,
+        "permutation": GUIDE_REALNVP_LARGE_PERMUTATION,
+    }
+    assert guide_flow_defaults("realnvp", GUIDE_REALNVP_LU_MAX_DIM + 1) == {
+        "num_layers": GUIDE_REALNVP_NO_GLUE_LAYERS
+    }
 
     def wide_model() -> None:
         pyro.sample("x", dist.Normal(torch.zeros(large), 1.0).to_event(1))

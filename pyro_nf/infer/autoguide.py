@@ -59,6 +59,8 @@ __all__ = [
     "GUIDE_PATH_MAX_DIM",
     "GUIDE_REALNVP_LARGE_LAYERS",
     "GUIDE_REALNVP_LARGE_PERMUTATION",
+    "GUIDE_REALNVP_LU_MAX_DIM",
+    "GUIDE_REALNVP_NO_GLUE_LAYERS",
     "GUIDE_SPLINE_INTERLEAVED",
     "GUIDE_SMALL_MAX_DIM",
     "AutoFlow",
@@ -163,6 +165,20 @@ GUIDE_REALNVP_LARGE_LAYERS = 8
 #: 16 latents it loses the funnel and one mode of the bimodal target
 #: (``docs/benchmarks/posteriors.md``).
 GUIDE_REALNVP_LARGE_PERMUTATION = "lu"
+
+#: The largest latent size at which a ``"realnvp"`` guide gets
+#: :data:`GUIDE_REALNVP_LARGE_LAYERS` couplings with :data:`GUIDE_REALNVP_LARGE_PERMUTATION`
+#: glue layers, the largest size the suite measures. An LU layer holds D^2 parameters:
+#: at 1000 latents the guide has 15.8M of them and a step takes 15 times the glue-less
+#: one, at 3000 137M and 14 s (``docs/benchmarks/posteriors.md``). Above it the guide
+#: keeps :data:`GUIDE_REALNVP_NO_GLUE_LAYERS` couplings without glue layers.
+GUIDE_REALNVP_LU_MAX_DIM = 100
+
+#: The number of coupling layers of a ``"realnvp"`` guide above
+#: :data:`GUIDE_REALNVP_LU_MAX_DIM` latents, without glue layers: the default of guides
+#: above 16 latents before the LU glue layers (on the suite's 31- and 100-latent targets
+#: ahead of Pyro's best guide at five of five seeds; the suite has no larger target).
+GUIDE_REALNVP_NO_GLUE_LAYERS = 6
 
 #: The number of ODE blocks of a ``"cnf"`` guide above :data:`GUIDE_SMALL_MAX_DIM`
 #: latents (the builder's default, 1, below it). With :data:`GUIDE_CNF_LARGE_INIT` and
@@ -276,8 +292,9 @@ def guide_flow_defaults(
       :data:`GUIDE_CNF_LARGE_INIT` and training tolerances :data:`GUIDE_CNF_LARGE_TOL`.
     - ``"realnvp"`` above :data:`GUIDE_SMALL_MAX_DIM` latent dimensions:
       :data:`GUIDE_REALNVP_LARGE_LAYERS` coupling layers and
-      :data:`GUIDE_REALNVP_LARGE_PERMUTATION` glue layers, unless the user gives
-      ``num_layers`` or ``permutation``.
+      :data:`GUIDE_REALNVP_LARGE_PERMUTATION` glue layers up to
+      :data:`GUIDE_REALNVP_LU_MAX_DIM` latents, :data:`GUIDE_REALNVP_NO_GLUE_LAYERS`
+      coupling layers above, unless the user gives ``num_layers`` or ``permutation``.
 
     The guide's own defaults, the affine layer after the flow and the gradient
     estimator, are :func:`guide_training_defaults` (not builder arguments).
@@ -295,6 +312,8 @@ def guide_flow_defaults(
         {}
         >>> guide_flow_defaults("realnvp", 100)
         {'num_layers': 8, 'permutation': 'lu'}
+        >>> guide_flow_defaults("realnvp", 1000)
+        {'num_layers': 6}
     """
     options = options or {}
     large = dim > GUIDE_SMALL_MAX_DIM
@@ -313,10 +332,13 @@ def guide_flow_defaults(
                 defaults["num_layers"] = GUIDE_CNF_LARGE_BLOCKS
         return defaults
     if family == "realnvp" and large:
-        defaults = {
-            "num_layers": GUIDE_REALNVP_LARGE_LAYERS,
-            "permutation": GUIDE_REALNVP_LARGE_PERMUTATION,
-        }
+        if dim <= GUIDE_REALNVP_LU_MAX_DIM:
+            defaults = {
+                "num_layers": GUIDE_REALNVP_LARGE_LAYERS,
+                "permutation": GUIDE_REALNVP_LARGE_PERMUTATION,
+            }
+        else:
+            defaults = {"num_layers": GUIDE_REALNVP_NO_GLUE_LAYERS}
         return {name: value for name, value in defaults.items() if name not in options}
     interleaved = family in GUIDE_SPLINE_INTERLEAVED and dim <= GUIDE_SMALL_MAX_DIM
     if interleaved and not _COUPLING_ARGUMENTS & options.keys():
