@@ -332,6 +332,9 @@ CNF_STUDY = (
     CNFOptions(depth=3, actnorm=True, kinetic=0.01, jacobian=0.01),
     CNFOptions(depth=3, init="torch"),  # the dynamics' init before init="preserve"
     CNFOptions(depth=3, state_scale=True),
+    CNFOptions(depth=3, state_scale=True, time=3.0),
+    CNFOptions(depth=3, state_scale=True, time=5.0),
+    CNFOptions(depth=3, state_scale=True, time=10.0),
 )
 
 
