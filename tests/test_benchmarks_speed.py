@@ -65,3 +65,20 @@ def test_svi_steps_quick_mode_times_autoflow_beside_pyros_guides(
         for ratio in row["ratios"].values():
             assert ratio["fastest_pyro"] in row["ms"] and ratio["fastest_pyro"] not in ours
             assert math.isfinite(ratio["x_fastest_pyro"]) and ratio["x_fastest_pyro"] > 0
+
+
+def test_cnf_guide_draw_quick_mode_times_both_draws_of_one_guide(
+    benchmarks_on_path, monkeypatch, tmp_path
+):
+    from pyro_nf.infer import PathDerivativeDistribution
+
+    state_only_rsample = PathDerivativeDistribution.rsample
+    results = quick_results(monkeypatch, tmp_path, "cnf_guide_draw", ["--rounds", "1"])
+    assert set(results) == {"banana"}
+    row = results["banana"]
+    assert set(row["ms"]) == {"state-only draw", "augmented draw (before)"}
+    assert all(math.isfinite(ms) and ms > 0 for ms in row["ms"].values())
+    low, high = row["range"]
+    assert 0 < low <= row["ratio"] <= high
+    # The emulated old draw is put back: the guide's own draw is the state-only one.
+    assert PathDerivativeDistribution.rsample is state_only_rsample
