@@ -28,14 +28,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 from posteriors import make_problems
-from pyro.infer import SVI, Trace_ELBO
-from pyro.optim import Adam
+from svi_steps import PARTICLES, svi_step
 from timing import common_arguments, parse_arguments, time_alternating
 
 from pyro_nf.infer import AutoFlow, PathDerivativeDistribution
 
 TARGETS = ("banana", "funnel", "schools_c", "logistic", "radon")
-PARTICLES = 8
 STATE_ONLY = "state-only draw"
 AUGMENTED = "augmented draw (before)"
 
@@ -55,15 +53,14 @@ def with_augmented_draw(step: Callable[[], float]) -> Callable[[], float]:
 
 
 def ready_step(model: Callable[[], None], warmup: int) -> Callable[[], float]:
-    """The ``step`` of an SVI on a default cnf guide, after ``warmup`` steps."""
+    """The ``step`` of an SVI on a default cnf guide (:func:`svi_steps.svi_step`), after
+    ``warmup`` steps."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = AutoFlow(model, flow="cnf")
-    elbo = Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1)
-    svi = SVI(model, guide, Adam({"lr": 1e-3}), elbo)
-    for _ in range(max(warmup, 1)):
-        svi.step()
-    return svi.step
+    step = svi_step(model, AutoFlow(model, flow="cnf"))
+    for _ in range(warmup):
+        step()
+    return step
 
 
 def main() -> None:

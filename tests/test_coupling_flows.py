@@ -60,8 +60,9 @@ def test_realnvp_with_glue_layers_round_trips(permutation):
 
 @pytest.mark.parametrize("dim", [3, 16])
 def test_lu_linear_scales_its_triangular_factors_by_inverse_sqrt_dim(dim):
-    """W = P (I + A_L / sqrt(D)) (A_U / sqrt(D) + diag(e^s)), the docstring's map: a unit
-    step in every entry of A_L or A_U moves W by O(sqrt(D)), not O(D)."""
+    """The layer's map is the docstring's W = P (I + A_L / sqrt(D)) (A_U / sqrt(D) +
+    diag(e^s)), computed here by hand (the 1 / sqrt(D) keeps a step of every entry from
+    moving W by O(D)), and its log-det is log |det W|."""
     torch.manual_seed(0)
     layer = LULinear(dim, permutation="random").double()
     with torch.no_grad():

@@ -145,17 +145,19 @@ GUIDE_PATH_MAX_DIM: dict[str, int] = {"iaf": 100}
 #: (``docs/benchmarks/posteriors.md``), where for real NVP it lost one.
 GUIDE_PATH_ALL: tuple[str, ...] = ("cnf",)
 
-#: The number of coupling layers of a ``"realnvp"`` guide above :data:`GUIDE_SMALL_MAX_DIM`
-#: latents (the builder's default, 4, below it), with :data:`GUIDE_REALNVP_LARGE_PERMUTATION`
-#: glue layers between them. On the posterior suite's 100-latent target (radon) eight
+#: The number of coupling layers of a ``"realnvp"`` guide from :data:`GUIDE_SMALL_MAX_DIM`
+#: + 1 up to :data:`GUIDE_REALNVP_LU_MAX_DIM` latents (the builder's default, 4, below;
+#: :data:`GUIDE_REALNVP_NO_GLUE_LAYERS` above), with
+#: :data:`GUIDE_REALNVP_LARGE_PERMUTATION` glue layers between them. On the posterior suite's 100-latent target (radon) eight
 #: layers are ahead of six at five of five seeds (by 0.30 to 0.51 nats) and meet all
 #: three moment bars at every seed (k-hat 0.34 to 0.56, against 0.55 to 0.82 with six);
 #: on the 31-latent logistic regression they tie (``docs/benchmarks/posteriors.md``).
 #: Without glue layers eight layers diverged at lr 1e-2 on radon.
 GUIDE_REALNVP_LARGE_LAYERS = 8
 
-#: The glue layer between the couplings of a ``"realnvp"`` guide above
-#: :data:`GUIDE_SMALL_MAX_DIM` latents (none below it, the builder's default): a learned
+#: The glue layer between the couplings of a ``"realnvp"`` guide from
+#: :data:`GUIDE_SMALL_MAX_DIM` + 1 up to :data:`GUIDE_REALNVP_LU_MAX_DIM` latents (none
+#: outside that range; below it, the builder's default): a learned
 #: :class:`~pyro_nf.transforms.LULinear`. Half masks that alternate without glue keep
 #: the same two groups of coordinates in every layer, so two coordinates of one group
 #: never condition each other; the LU layer mixes them. On the suite's 31- and
