@@ -595,6 +595,7 @@ def _autoregressive_flow(
     activation: str,
     residual: bool,
     seed: int,
+    final_multiplier: float,
 ) -> Flow:
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
@@ -619,6 +620,7 @@ def _autoregressive_flow(
                 order=layer_order,
                 activation=activation,
                 residual=residual,
+                final_multiplier=final_multiplier,
             )
         )
         last = i == num_layers - 1
@@ -654,6 +656,7 @@ def maf(
     seed: int = 0,
     *,
     coupling: str | CouplingFunction | None = None,
+    final_multiplier: float = 1.0,
 ) -> Flow:
     r"""A masked autoregressive flow: a stack of :class:`MaskedAutoregressive` layers.
 
@@ -686,6 +689,11 @@ def maf(
         residual: residual hidden layers in the conditioners (equal hidden sizes).
         seed: seed of random orders and permutations (independent streams per layer).
         coupling: the older spelling of ``coupling_function``, kept as an alias.
+        final_multiplier: the constant each MADE's final layer multiplies its weights
+            by (1: none). It does not change the flow a seed builds, only how far an
+            Adam step moves it (:class:`~pyro_nf.nn.MADE`); ``AutoFlow`` passes
+            :data:`~pyro_nf.infer.autoguide.GUIDE_SMALL_FINAL_MULTIPLIER` for guides of up to 16
+            latents.
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -712,6 +720,7 @@ def maf(
         activation,
         residual,
         seed,
+        final_multiplier,
     )
 
 
@@ -729,6 +738,7 @@ def iaf(
     seed: int = 0,
     *,
     coupling: str | CouplingFunction | None = None,
+    final_multiplier: float = 1.0,
 ) -> Flow:
     r"""An inverse autoregressive flow: a stack of :class:`InverseAutoregressive` layers.
 
@@ -766,6 +776,7 @@ def iaf(
         activation,
         residual,
         seed,
+        final_multiplier,
     )
 
 

@@ -114,6 +114,61 @@ def test_made_masks_are_buffers_of_the_weight_dtype():
     assert made(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
 
 
+@pytest.mark.parametrize("hidden_dims", [(8, 8), ()], ids=["hidden", "no-hidden"])
+def test_made_final_multiplier_keeps_the_network_a_seed_builds(hidden_dims):
+    """The final layer's stored weights start divided by the multiplier and enter
+    multiplied by it: the same seed builds the same map (1/8 is a power of two, so to
+    the bit), in the one-pass and in the position-by-position evaluation."""
+    torch.manual_seed(0)
+    plain = MADE(3, num_params=2, hidden_dims=hidden_dims, context_dim=2).double()
+    torch.manual_seed(0)
+    scaled = MADE(3, 2, hidden_dims, context_dim=2, final_multiplier=0.125).double()
+    u, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(scaled.output.weight, plain.output.weight * 8)
+    assert torch.equal(scaled(u, c), plain(u, c))
+    steps = scaled.steps(c, u)
+    for i in range(3):
+        position = int(scaled.order[i])
+        assert torch.allclose(steps.params(i), plain(u, c)[:, position], atol=1e-12)
+        steps.feed(i, u[:, position])
+    assert "final_multiplier=0.125" in repr(scaled) and "final_multiplier" not in repr(plain)
+
+
+def test_made_final_multiplier_scales_an_adam_step():
+    """Adam moves each stored weight by about lr whatever the gradient's scale, so the
+    weight the layer applies moves ``final_multiplier`` times as far as without it."""
+    u = torch.randn(64, 3, dtype=torch.float64)
+
+    def step_of_applied_weight(multiplier: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        made = MADE(3, 2, (16,), final_multiplier=multiplier).double()
+        before = made.output.masked_weight.detach().clone()
+        optimizer = torch.optim.Adam(made.parameters(), lr=1e-2, eps=1e-30)
+        made(u).sin().sum().backward()
+        optimizer.step()
+        return made.output.masked_weight.detach() - before
+
+    plain, scaled = step_of_applied_weight(1.0), step_of_applied_weight(0.125)
+    assert plain.abs().max() > 1e-3  # the step moved the weights
+    assert torch.allclose(scaled, plain * 0.125, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("multiplier", [0.0, -1.0, float("inf"), float("nan")])
+def test_made_final_multiplier_must_be_positive(multiplier):
+    with pytest.raises(ValueError, match="weight_multiplier must be a positive number"):
+        MADE(3, 2, final_multiplier=multiplier)
+
+
+def test_final_multiplier_state_dict_round_trip():
+    """A flow built with the multiplier saves and reloads into the same construction."""
+    x = torch.randn(6, 3)
+    source = pyro_nf.maf(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
+    perturb_parameters(source, scale=0.1)
+    target = pyro_nf.maf(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.log_prob(x), source.log_prob(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -251,6 +306,8 @@ def test_fresh_layer_is_close_to_identity():
 def test_conditioner_must_match():
     with pytest.raises(ValueError, match=r"must be \(3, 0, 2\), got \(3, 0, 23\)"):
         MaskedAutoregressive(3, "affine", conditioner=MADE(3, num_params=23))
+    with pytest.raises(ValueError, match="final_multiplier applies to the default conditioner"):
+        MaskedAutoregressive(3, "affine", conditioner=MADE(3, 2), final_multiplier=0.5)
 
 
 # -------------------------------------------------------------------- the cache

@@ -21,6 +21,7 @@ from pyro_nf.infer.autoguide import (
     GUIDE_REALNVP_LARGE_PERMUTATION,
     GUIDE_REALNVP_LU_MAX_DIM,
     GUIDE_REALNVP_NO_GLUE_LAYERS,
+    GUIDE_SMALL_FINAL_MULTIPLIER,
     GUIDE_SMALL_MAX_DIM,
     PathDerivativeDistribution,
     guide_flow_defaults,
@@ -328,6 +329,39 @@ def test_spline_layers_only_up_to_their_dimension(flow):
     guide = AutoFlow(wide_model, flow=flow, hidden_dims=(40,))
     guide()
     assert _coupling_function_names(guide) == ["Affine"] * 5
+
+
+@pytest.mark.parametrize("family", ["iaf", "maf"])
+def test_small_autoregressive_guides_get_the_final_multiplier(family):
+    """iaf and maf guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build their MADEs with
+    ``GUIDE_SMALL_FINAL_MULTIPLIER``, whatever their coupling functions; above the cut,
+    and where the user gives ``final_multiplier``, the builder's 1 or the user's value."""
+    assert GUIDE_SMALL_FINAL_MULTIPLIER < 1
+    small = guide_flow_defaults(family, GUIDE_SMALL_MAX_DIM, {"coupling_function": "affine"})
+    assert small == {"final_multiplier": GUIDE_SMALL_FINAL_MULTIPLIER}
+    assert "final_multiplier" not in guide_flow_defaults(family, GUIDE_SMALL_MAX_DIM + 1)
+    assert (
+        guide_flow_defaults(family, 2, {"final_multiplier": 1.0, "coupling_function": "affine"})
+        == {}
+    )
+    assert "final_multiplier" not in guide_flow_defaults("realnvp", 2)
+
+    def multipliers(dim: int, **options) -> set[float]:
+        def model() -> None:
+            pyro.sample("x", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
+
+        pyro.clear_param_store()
+        guide = AutoFlow(model, flow=family, hidden_dims=(8,), **options)
+        guide()
+        return {
+            layer.conditioner.output.weight_multiplier
+            for layer in guide.flow.layers
+            if hasattr(layer, "conditioner")
+        }
+
+    assert multipliers(2) == {GUIDE_SMALL_FINAL_MULTIPLIER}
+    assert multipliers(2, final_multiplier=0.5) == {0.5}
+    assert multipliers(GUIDE_SMALL_MAX_DIM + 1) == {1.0}
 
 
 def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():

@@ -48,6 +48,8 @@ class Autoregressive(FlowTransform):
         residual: residual hidden layers in the conditioner.
         conditioner: a :class:`~pyro_nf.nn.MADE` to use instead of the default one; it
             must have ``dim``, ``context_dim`` and ``h.num_params`` matching.
+        final_multiplier: the default conditioner's ``final_multiplier`` (see
+            :class:`~pyro_nf.nn.MADE`: it changes Adam's step, not the initial map).
 
     Example:
         >>> maf_layer = MaskedAutoregressive(4, "additive", hidden_dims=(16,))
@@ -72,6 +74,7 @@ class Autoregressive(FlowTransform):
         activation: str = "relu",
         residual: bool = False,
         conditioner: MADE | None = None,
+        final_multiplier: float = 1.0,
     ) -> None:
         super().__init__(dim, context_dim)
         self.coupling_function = make_coupling_function(coupling_function)
@@ -86,6 +89,12 @@ class Autoregressive(FlowTransform):
                 seed=seed,
                 activation=activation,
                 residual=residual,
+                final_multiplier=final_multiplier,
+            )
+        elif final_multiplier != 1.0:
+            raise ValueError(
+                "final_multiplier applies to the default conditioner; build the MADE "
+                f"with final_multiplier={final_multiplier!r} instead"
             )
         elif not isinstance(conditioner, MADE):
             raise TypeError(f"conditioner must be a MADE, got {type(conditioner).__name__}")
