@@ -113,9 +113,10 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 #: 1e-2 one step of the full-size stack moved the draws of a 2-D guide by about 0.9 of
 #: their scale, so which mode of a two-mode posterior it kept was settled in the first
 #: steps. On the bimodal target's 24 cells (four axes, seeds 0 to 5) it lowers the mean
-#: KL of iaf from 0.375 to 0.234 and of maf from 0.414 to 0.263, against 0.262 for
-#: Pyro's spline guide; above 16 latents it lost 0.5 to 0.7 nats on the logistic
-#: regression and radon in 1000 steps (``docs/benchmarks/posteriors.md``).
+#: KL of iaf from 0.375 to 0.271 and of maf from 0.414 to 0.253, level with Pyro's
+#: spline guide's 0.262, for up to 0.11 nats on the centred schools; above 16 latents
+#: the same step size (set through the learning rate) lost 0.5 to 0.7 nats on the
+#: logistic regression and radon in 1000 steps (``docs/benchmarks/posteriors.md``).
 GUIDE_SMALL_FINAL_MULTIPLIER = 0.125
 
 #: The largest latent dimension that gets the small-latent guide defaults; above it the

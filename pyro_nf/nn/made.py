@@ -146,7 +146,7 @@ class MADE(nn.Module):
     moves it: Adam moves every weight by about its learning rate whatever the
     gradient's scale, so a step moves each output by about
     ``lr * final_multiplier * sum_j |h_j|`` over the last hidden layer's units ``h``
-    (about 0.3 at lr 1e-2 and 64 units without a multiplier).
+    (of the order of 0.3 at lr 1e-2 with 64 units and no multiplier).
 
     :meth:`steps` evaluates the network one position at a time for the sequential
     direction of an autoregressive flow, computing at position ``i`` only the units
