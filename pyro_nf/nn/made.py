@@ -230,6 +230,7 @@ class MADE(nn.Module):
         mask = output_degrees.unsqueeze(-1) > previous.unsqueeze(0)
         if not degrees:
             mask = torch.cat([mask, context_columns.expand(len(output_degrees), -1)], dim=-1)
+        final_multiplier = positive_number("final_multiplier", final_multiplier)
         self.output = MaskedLinear(mask.shape[1], mask.shape[0], mask, final_multiplier)
         with torch.no_grad():
             self.output.weight.mul_(final_init_scale / self.output.weight_multiplier)
