@@ -123,6 +123,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--hidden", type=int, default=None, help="conditioner width (default: AutoFlow's)"
     )
+    parser.add_argument(
+        "--final-multiplier",
+        type=float,
+        default=None,
+        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
+    )
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--max-tree-depth", type=int, default=10)

@@ -142,7 +142,7 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
     if kind == "AutoMultivariateNormal":
         return AutoMultivariateNormal(model, init_scale=0.1)
     # The named family, so the guide gets AutoFlow's defaults (chosen on the posterior
-    # suite); --flow-layers and --hidden override the builder's sizes when given.
+    # suite); --flow-layers, --hidden and --final-multiplier override them when given.
     family = kind.removeprefix("AutoFlow-")
     options: dict[str, object] = {}
     # --flow-layers counts the discrete flows' layers; a CNF guide keeps AutoFlow's
@@ -151,6 +151,8 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
         options["num_layers"] = args.flow_layers
     if args.hidden is not None:
         options["hidden_dims"] = (args.hidden,) * 2
+    if args.final_multiplier is not None:
+        options["final_multiplier"] = args.final_multiplier
     return AutoFlow(model, flow=family, **options)
 
 
@@ -222,6 +224,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hidden", type=int, default=None, help="hidden width (default: AutoFlow's)"
+    )
+    parser.add_argument(
+        "--final-multiplier",
+        type=float,
+        default=None,
+        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
     )
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")
