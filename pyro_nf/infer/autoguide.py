@@ -117,6 +117,8 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 #: spline guide's 0.262, for up to 0.11 nats on the centred schools; above 16 latents
 #: the same step size (set through the learning rate) lost 0.5 to 0.7 nats on the
 #: logistic regression and radon in 1000 steps (``docs/benchmarks/posteriors.md``).
+#: Chosen for SVI: as a NeuTra reparametrization of the 10-d funnel the guide made NUTS
+#: 30-45% slower per effective draw (``docs/examples/neutra-hmc.md``; pass 1.0 there).
 GUIDE_SMALL_FINAL_MULTIPLIER = 0.125
 
 #: The largest latent dimension that gets the small-latent guide defaults; above it the
