@@ -46,7 +46,13 @@ from common import (  # noqa: E402
     progress_enabled,
     write_json,
 )
-from svi_guides import funnel_draws, make_guide, make_problem, train  # noqa: E402
+from svi_guides import (  # noqa: E402
+    add_guide_arguments,
+    funnel_draws,
+    make_guide,
+    make_problem,
+    train,
+)
 
 from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
 
@@ -117,18 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000, help="SVI steps of the guide")
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument(
-        "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
-    )
-    parser.add_argument(
-        "--hidden", type=int, default=None, help="conditioner width (default: AutoFlow's)"
-    )
-    parser.add_argument(
-        "--final-multiplier",
-        type=float,
-        default=None,
-        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
-    )
+    add_guide_arguments(parser)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--max-tree-depth", type=int, default=10)

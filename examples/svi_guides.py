@@ -136,6 +136,23 @@ def make_problem(name: str, args: argparse.Namespace) -> Problem:
     )
 
 
+def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the flow guides that :func:`make_guide` reads (each ``None``:
+    ``AutoFlow``'s default)."""
+    parser.add_argument(
+        "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="conditioner width (default: AutoFlow's)"
+    )
+    parser.add_argument(
+        "--final-multiplier",
+        type=float,
+        default=None,
+        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
+    )
+
+
 def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) -> object:
     if kind == "AutoNormal":
         return AutoNormal(model, init_scale=0.1)
@@ -219,18 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lrd", type=float, default=None, help="learning-rate decay per step")
-    parser.add_argument(
-        "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
-    )
-    parser.add_argument(
-        "--hidden", type=int, default=None, help="hidden width (default: AutoFlow's)"
-    )
-    parser.add_argument(
-        "--final-multiplier",
-        type=float,
-        default=None,
-        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
-    )
+    add_guide_arguments(parser)
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")
     args = parser.parse_args(argv)

@@ -63,6 +63,7 @@ __all__ = [
     "GUIDE_REALNVP_NO_GLUE_LAYERS",
     "GUIDE_SPLINE_INTERLEAVED",
     "GUIDE_SMALL_FINAL_MULTIPLIER",
+    "GUIDE_FINAL_MULTIPLIER_FAMILIES",
     "GUIDE_SMALL_MAX_DIM",
     "AutoFlow",
     "PathDerivativeDistribution",
@@ -120,6 +121,10 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 #: Chosen for SVI: as a NeuTra reparametrization of the 10-d funnel the guide made NUTS
 #: 30-45% slower per effective draw (``docs/examples/neutra-hmc.md``; pass 1.0 there).
 GUIDE_SMALL_FINAL_MULTIPLIER = 0.125
+
+#: The named flow families whose conditioners are MADEs, which take
+#: :data:`GUIDE_SMALL_FINAL_MULTIPLIER` (real NVP's MLPs do not: measured, not adopted).
+GUIDE_FINAL_MULTIPLIER_FAMILIES: tuple[str, ...] = ("iaf", "maf")
 
 #: The largest latent dimension that gets the small-latent guide defaults; above it the
 #: defaults change (:func:`guide_flow_defaults`, :func:`guide_training_defaults`):
@@ -297,8 +302,9 @@ def guide_flow_defaults(
       :func:`interleaved_coupling_functions` for the stack's ``num_layers`` (the
       user's, else the builder's), unless the user chose the coupling functions
       (``coupling_function`` or ``coupling_kwargs``). Above it, affine layers only (the
-      builder's default). Up to the same size their conditioners get
-      :data:`GUIDE_SMALL_FINAL_MULTIPLIER` unless the user gives ``final_multiplier``.
+      builder's default). Up to the same size the conditioners of
+      :data:`GUIDE_FINAL_MULTIPLIER_FAMILIES` get :data:`GUIDE_SMALL_FINAL_MULTIPLIER`
+      unless the user gives ``final_multiplier``.
     - ``"cnf"``: dynamics that scale the state (``state_scale=True``: fields
       :math:`s \odot z + m`, which on the funnel put the guide ahead of Pyro's best guide
       on three of three seeds, by 0.92, 0.14 and 0.02 nats of ELBO, where the plain field
@@ -360,15 +366,15 @@ def guide_flow_defaults(
         else:
             defaults = {"num_layers": GUIDE_REALNVP_NO_GLUE_LAYERS}
         return {name: value for name, value in defaults.items() if name not in options}
-    defaults = {}
-    small_autoregressive = family in GUIDE_SPLINE_INTERLEAVED and dim <= GUIDE_SMALL_MAX_DIM
-    if small_autoregressive and not _COUPLING_ARGUMENTS & options.keys():
+    defaults: dict[str, Any] = {}
+    small = dim <= GUIDE_SMALL_MAX_DIM
+    if small and family in GUIDE_SPLINE_INTERLEAVED and not _COUPLING_ARGUMENTS & options.keys():
         num_layers = options.get(
             "num_layers", inspect.signature(flow_builder(family)).parameters["num_layers"].default
         )
         if isinstance(num_layers, int) and num_layers >= 1:  # else the builder's error
             defaults["coupling_function"] = interleaved_coupling_functions(num_layers)
-    if small_autoregressive and "final_multiplier" not in options:
+    if small and family in GUIDE_FINAL_MULTIPLIER_FAMILIES and "final_multiplier" not in options:
         defaults["final_multiplier"] = GUIDE_SMALL_FINAL_MULTIPLIER
     return defaults
 
