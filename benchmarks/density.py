@@ -257,6 +257,10 @@ MODELS: dict[str, Callable[[int, int], DensityModel]] = {
     "pyro-nf spline coupling": lambda d, w: pyro_nf_model(
         pyro_nf.realnvp(d, hidden_dims=(w, w), coupling_function="spline")
     ),
+    # The same flow on independent Student-t coordinates with learned degrees of freedom.
+    "pyro-nf spline coupling t": lambda d, w: pyro_nf_model(
+        pyro_nf.realnvp(d, hidden_dims=(w, w), coupling_function="spline", base="student_t")
+    ),
     "pyro-nf maf": lambda d, w: pyro_nf_model(pyro_nf.maf(d, hidden_dims=(w, w))),
     "pyro-nf spline maf": lambda d, w: pyro_nf_model(
         pyro_nf.maf(d, hidden_dims=(w, w), coupling_function="spline")
@@ -274,6 +278,7 @@ MODELS: dict[str, Callable[[int, int], DensityModel]] = {
 TABULAR_MODELS = (
     "pyro-nf realnvp",
     "pyro-nf spline coupling",
+    "pyro-nf spline coupling t",
     "pyro-nf maf",
     "pyro-nf spline maf",
     "zuko NSF",

@@ -42,6 +42,7 @@ from pyro_nf.transforms.glue import ActNorm, LULinear, Permutation
 __all__ = [
     "Flow",
     "FlowDistribution",
+    "FLOW_BASES",
     "FLOW_BUILDERS",
     "cnf",
     "flow_builder",
@@ -196,14 +197,44 @@ class FlowDistribution(dist.TransformedDistribution):
         return log_prob
 
 
+#: The base distributions a :class:`Flow` (and every builder, ``base=...``) accepts.
+FLOW_BASES: tuple[str, ...] = ("normal", "student_t")
+
+#: The initial degrees of freedom of a ``base="student_t"`` flow: tails a little heavier
+#: than the normal's, which training makes heavier or lighter.
+FLOW_STUDENT_T_INIT_DF = 10.0
+
+#: The largest degrees of freedom of a ``base="student_t"`` flow (then a normal to
+#: within a few parts in a thousand): the tail index ``1 / df`` is floored at its inverse.
+FLOW_STUDENT_T_MAX_DF = 1000.0
+
+
 class Flow(nn.Module):
-    """A normalizing flow: a standard normal base distribution and a transform stack.
+    r"""A normalizing flow: a base distribution and a transform stack.
+
+    The base is the standard normal (``base="normal"``), or, for heavy-tailed data,
+    independent Student-t coordinates with learned degrees of freedom
+    (``base="student_t"``):
+
+    .. math::
+        p(z) = \prod_d \mathrm{StudentT}(z_d;\ \nu_d, 0, 1), \qquad
+        \nu_d = 1 / (|\tau_d| + 1/\nu_{\max}),
+
+    with the tail index :math:`\tau` a parameter (``base_tail``, starting at
+    :math:`\nu_d = 10`; :math:`\nu_{\max} = 1000`). Affine layers and splines with
+    linear tails keep the tails of their base (a Lipschitz map cannot make a normal
+    heavy-tailed), so a normal-based flow cannot fit a power-law tail; a Student-t base
+    can. The tail index, not :math:`\log \nu`, is the parameter because Adam moves a
+    parameter by about the learning rate per step: from 10 to 3 degrees of freedom is
+    0.23 in :math:`\tau` but 1.2 in :math:`\log \nu`, past the reach of 1000 steps
+    at lr 1e-3 (``docs/benchmarks/density.md``).
 
     Arguments:
         transforms: the layers, applied in order from the base ``z`` to the data ``x``.
             Pyro transforms and conditional transforms are both accepted.
         dim: the event size D.
         context_dim: the context size for a conditional flow, 0 otherwise.
+        base: ``"normal"`` (default) or ``"student_t"`` (:data:`FLOW_BASES`).
 
     Attributes:
         transform: the whole stack as one module mapping z -> x: a
@@ -218,10 +249,19 @@ class Flow(nn.Module):
         torch.Size([5])
     """
 
-    def __init__(self, transforms: Sequence[Transform], dim: int, context_dim: int = 0) -> None:
+    def __init__(
+        self,
+        transforms: Sequence[Transform],
+        dim: int,
+        context_dim: int = 0,
+        base: str = "normal",
+    ) -> None:
         super().__init__()
         self.dim = integer("dim", dim)
         self.context_dim = integer("context_dim", context_dim, minimum=0)
+        if base not in FLOW_BASES:
+            raise ValueError(f"unknown base {base!r}; expected one of {FLOW_BASES}")
+        self.base = base
         transforms = list(transforms)
         if context_dim > 0:
             self.transform = ConditionalComposeTransformModule(transforms)
@@ -229,6 +269,16 @@ class Flow(nn.Module):
             self.transform = ComposeTransformModule(transforms)
         self.register_buffer("base_loc", torch.zeros(dim))
         self.register_buffer("base_scale", torch.ones(dim))
+        if base == "student_t":
+            initial_tail = 1 / FLOW_STUDENT_T_INIT_DF - 1 / FLOW_STUDENT_T_MAX_DF
+            self.base_tail = nn.Parameter(torch.full((dim,), initial_tail))
+
+    @property
+    def base_df(self) -> Tensor | None:
+        """The base's degrees of freedom ``(D,)`` for ``base="student_t"``, else ``None``."""
+        if self.base != "student_t":
+            return None
+        return 1 / (self.base_tail.abs() + 1 / FLOW_STUDENT_T_MAX_DF)
 
     @property
     def layers(self) -> list[Transform]:
@@ -243,13 +293,17 @@ class Flow(nn.Module):
     def base_distribution(
         self, batch_shape: torch.Size | tuple[int, ...] = ()
     ) -> dist.Distribution:
-        """The standard normal over z with event shape ``(D,)`` on the flow's device and dtype.
+        """The base over z, event shape ``(D,)``, on the flow's device and dtype: the
+        standard normal, or independent ``StudentT(base_df, 0, 1)`` coordinates.
 
         It does not validate its arguments: the ``z`` it scores is computed by the flow
         from an ``x`` that :class:`FlowDistribution` has already checked, and a second
         support check per entry cost as much as a layer's elementwise work.
         """
-        base = dist.Normal(self.base_loc, self.base_scale, validate_args=False)
+        if self.base == "student_t":
+            base = dist.StudentT(self.base_df, self.base_loc, self.base_scale, validate_args=False)
+        else:
+            base = dist.Normal(self.base_loc, self.base_scale, validate_args=False)
         if batch_shape:
             base = base.expand(torch.Size(batch_shape) + (self.dim,))
         return base.to_event(1)
@@ -288,7 +342,8 @@ class Flow(nn.Module):
         return self(context).rsample_and_log_prob(torch.Size(sample_shape))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, context_dim={self.context_dim}"
+        base = "" if self.base == "normal" else f", base={self.base!r}"
+        return f"dim={self.dim}, context_dim={self.context_dim}{base}"
 
 
 def permutation_layer(kind: str | None, dim: int, seed: int) -> Transform | None:
@@ -394,6 +449,7 @@ def realnvp(
     seed: int = 0,
     *,
     coupling: str | CouplingFunction | None = None,
+    base: str = "normal",
 ) -> Flow:
     """A coupling flow (real NVP; NICE with ``coupling_function="additive"``; spline coupling).
 
@@ -419,6 +475,8 @@ def realnvp(
         actnorm: put an :class:`ActNorm` layer before every coupling layer.
         seed: seed of random permutations.
         coupling: the older spelling of ``coupling_function``, kept as an alias.
+        base: the base distribution, ``"normal"`` or ``"student_t"`` (learned degrees
+            of freedom, for heavy-tailed data; see :class:`Flow`).
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -459,7 +517,7 @@ def realnvp(
         glue = permutation_layer(permutation, dim, seed + i) if i < num_layers - 1 else None
         if glue is not None:
             layers.append(glue)
-    return Flow(layers, dim, context_dim)
+    return Flow(layers, dim, context_dim, base)
 
 
 def cnf(
@@ -485,6 +543,7 @@ def cnf(
     init: str = "preserve",
     state_scale: bool = False,
     dynamics: Callable[[], nn.Module] | None = None,
+    base: str = "normal",
 ) -> Flow:
     r"""A continuous normalizing flow (FFJORD): ``num_layers`` ODE transforms in a row.
 
@@ -529,6 +588,8 @@ def cnf(
             ``dim`` (and ``context_dim``) attributes equal to the flow's when it has
             them. With it, ``hidden_dims``, ``activation``, ``final_init_scale``,
             ``init`` and ``state_scale`` are not used.
+        base: the base distribution, ``"normal"`` or ``"student_t"`` (learned degrees
+            of freedom, for heavy-tailed data; see :class:`Flow`).
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -579,7 +640,7 @@ def cnf(
                 options=options,
             )
         )
-    return Flow(layers, dim, context_dim)
+    return Flow(layers, dim, context_dim, base)
 
 
 def _autoregressive_flow(
@@ -596,6 +657,7 @@ def _autoregressive_flow(
     residual: bool,
     seed: int,
     final_multiplier: float,
+    base: str,
 ) -> Flow:
     dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
     functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
@@ -633,7 +695,7 @@ def _autoregressive_flow(
             carried = None
             layers.append(glue)
     _flush_permutation(layers, carried)
-    return Flow(layers, dim, context_dim)
+    return Flow(layers, dim, context_dim, base)
 
 
 def _flush_permutation(layers: list[Transform], carried: Tensor | None) -> None:
@@ -657,6 +719,7 @@ def maf(
     *,
     coupling: str | CouplingFunction | None = None,
     final_multiplier: float = 1.0,
+    base: str = "normal",
 ) -> Flow:
     r"""A masked autoregressive flow: a stack of :class:`MaskedAutoregressive` layers.
 
@@ -694,6 +757,8 @@ def maf(
             Adam step moves it (:class:`~pyro_nf.nn.MADE`); ``AutoFlow`` passes
             :data:`~pyro_nf.infer.autoguide.GUIDE_SMALL_FINAL_MULTIPLIER` for guides of up to 16
             latents.
+        base: the base distribution, ``"normal"`` or ``"student_t"`` (learned degrees
+            of freedom, for heavy-tailed data; see :class:`Flow`).
 
     Returns:
         a :class:`Flow` whose ``transform`` maps z -> x.
@@ -721,6 +786,7 @@ def maf(
         residual,
         seed,
         final_multiplier,
+        base,
     )
 
 
@@ -739,6 +805,7 @@ def iaf(
     *,
     coupling: str | CouplingFunction | None = None,
     final_multiplier: float = 1.0,
+    base: str = "normal",
 ) -> Flow:
     r"""An inverse autoregressive flow: a stack of :class:`InverseAutoregressive` layers.
 
@@ -777,6 +844,7 @@ def iaf(
         residual,
         seed,
         final_multiplier,
+        base,
     )
 
 
