@@ -53,6 +53,7 @@ from common import (  # noqa: E402
 
 from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
 from pyro_nf.infer import AutoFlow, psis_diagnostic, targets, to_inference_data  # noqa: E402
+from pyro_nf.infer.autoguide import GUIDE_FINAL_MULTIPLIER_FAMILIES  # noqa: E402
 
 MODELS = ("banana", "funnel", "logistic")
 FAMILIES = tuple(FLOW_BUILDERS)
@@ -136,9 +137,12 @@ def make_problem(name: str, args: argparse.Namespace) -> Problem:
     )
 
 
-def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
+def add_guide_arguments(
+    parser: argparse.ArgumentParser, final_multiplier: float | None = None
+) -> None:
     """The options of the flow guides that :func:`make_guide` reads (each ``None``:
-    ``AutoFlow``'s default)."""
+    ``AutoFlow``'s default); ``final_multiplier`` is the example's own default for
+    ``--final-multiplier``."""
     parser.add_argument(
         "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
     )
@@ -148,8 +152,14 @@ def add_guide_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--final-multiplier",
         type=float,
-        default=None,
-        help="iaf/maf conditioners' final_multiplier (default: AutoFlow's, 1/8 up to 16 latents)",
+        default=final_multiplier,
+        help="iaf/maf conditioners' final_multiplier (default: "
+        + (
+            "AutoFlow's, 1/8 up to 16 latents"
+            if final_multiplier is None
+            else f"{final_multiplier}"
+        )
+        + ")",
     )
 
 
@@ -168,7 +178,7 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
         options["num_layers"] = args.flow_layers
     if args.hidden is not None:
         options["hidden_dims"] = (args.hidden,) * 2
-    if args.final_multiplier is not None:
+    if args.final_multiplier is not None and family in GUIDE_FINAL_MULTIPLIER_FAMILIES:
         options["final_multiplier"] = args.final_multiplier
     return AutoFlow(model, flow=family, **options)
 

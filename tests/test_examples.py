@@ -235,6 +235,32 @@ def test_svi_guides_quick(tmp_path):
     assert_files(result)
 
 
+@pytest.mark.parametrize(
+    ("example", "argv", "expected"),
+    [
+        ("neutra_hmc", [], {1.0}),  # the NeuTra example's own default
+        ("neutra_hmc", ["--final-multiplier", "0.125"], {0.125}),
+        ("svi_guides", [], {0.125}),  # AutoFlow's default at this size
+    ],
+)
+def test_examples_final_multiplier_reaches_the_iaf_guide(example, argv, expected):
+    module = load_example(example)
+    args = module.parse_args(argv)
+    args.funnel_dim = 4
+    guides = load_example("svi_guides")
+    problem = guides.make_problem("funnel", args)
+    guide = guides.make_guide("AutoFlow-iaf", problem.model, args)
+    guide()
+    multipliers = {
+        layer.conditioner.output.weight_multiplier
+        for layer in guide.flow.layers
+        if hasattr(layer, "conditioner")
+    }
+    assert multipliers == expected
+    # A family without MADE conditioners ignores the option instead of failing.
+    guides.make_guide("AutoFlow-realnvp", problem.model, args)()
+
+
 def test_neutra_hmc_quick(tmp_path):
     result = run_quick("neutra_hmc", tmp_path, "--flow", "realnvp")
     samplers = [row["sampler"] for row in result["rows"]]
