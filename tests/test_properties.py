@@ -19,7 +19,7 @@ from cases import CASES
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pyro_nf.flows import FLOW_BUILDERS
+from pyro_nf.flows import FLOW_BASES, FLOW_BUILDERS
 from pyro_nf.testing import _changed_entries, _fresh_forward, _fresh_inverse, _state_snapshot
 
 batch_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=2).map(tuple)
@@ -109,9 +109,10 @@ FAMILY_OPTIONS = {
     magnitude=magnitudes,
     seed=seeds,
     coupling=st.sampled_from(["affine", "spline"]),
+    base=st.sampled_from(FLOW_BASES),
 )
 def test_flow_distribution_properties(
-    family, dim, context_dim, shape, dtype, magnitude, seed, coupling
+    family, dim, context_dim, shape, dtype, magnitude, seed, coupling, base
 ):
     """Every family, any event and context size: draws and densities have the right
     shapes, are finite for finite inputs, and leave every parameter and buffer as it was."""
@@ -121,7 +122,7 @@ def test_flow_distribution_properties(
     if family != "cnf":  # the continuous flow has no coupling function and no random structure
         options.update(coupling_function=coupling, seed=seed)
     torch.manual_seed(seed)
-    flow = FLOW_BUILDERS[family](dim, context_dim=context_dim, **options).to(dtype)
+    flow = FLOW_BUILDERS[family](dim, context_dim=context_dim, base=base, **options).to(dtype)
     context = None
     if context_dim:
         context = torch.randn(context_dim, dtype=dtype)
