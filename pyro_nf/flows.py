@@ -1,7 +1,8 @@
 """The :class:`Flow` module and the builders that return one.
 
-A :class:`Flow` owns a standard normal base distribution (its location and scale are
-buffers, so they follow ``.to(device)`` and ``.double()``) and a stack of transforms
+A :class:`Flow` owns a base distribution, the standard normal or (``base="student_t"``)
+independent Student-t coordinates with learned degrees of freedom (its location and
+scale are buffers, so they follow ``.to(device)`` and ``.double()``) and a stack of transforms
 mapping the base variable ``z`` to the data ``x``. Calling it returns a Pyro
 distribution::
 
@@ -259,8 +260,7 @@ class Flow(nn.Module):
         super().__init__()
         self.dim = integer("dim", dim)
         self.context_dim = integer("context_dim", context_dim, minimum=0)
-        if base not in FLOW_BASES:
-            raise ValueError(f"unknown base {base!r}; expected one of {FLOW_BASES}")
+        _check_base(base)
         self.base = base
         transforms = list(transforms)
         if context_dim > 0:
@@ -414,10 +414,21 @@ def layer_coupling_functions(
     return [make_coupling_function(entry) for entry in entries]
 
 
+def _check_base(base: object) -> None:
+    if base not in FLOW_BASES:
+        raise ValueError(f"unknown base {base!r}; expected one of {FLOW_BASES}")
+
+
 def _builder_args(
-    dim: object, num_layers: object, context_dim: object, layers_name: str = "num_layers"
+    dim: object,
+    num_layers: object,
+    context_dim: object,
+    layers_name: str = "num_layers",
+    base: object = "normal",
 ) -> tuple[int, int, int]:
-    """The builders' shared arguments checked and as Python ints (NumPy integers accepted)."""
+    """The builders' shared arguments checked (``base`` too, before any layer is built)
+    and as Python ints (NumPy integers accepted)."""
+    _check_base(base)
     return (
         integer("dim", dim),
         integer(layers_name, num_layers),
@@ -486,7 +497,7 @@ def realnvp(
         >>> flow.log_prob(torch.randn(10, 2)).shape
         torch.Size([10])
     """
-    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim, base=base)
     coupling_function = renamed(
         coupling_function, coupling, "coupling_function", "coupling", "affine"
     )
@@ -606,7 +617,7 @@ def cnf(
     from pyro_nf.nn.dynamics import ODEDynamics
 
     num_layers = renamed(num_layers, num_blocks, "num_layers", "num_blocks", 1)
-    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim, base=base)
     layers: list[Transform] = []
     for _ in range(num_layers):
         if actnorm:
@@ -659,7 +670,7 @@ def _autoregressive_flow(
     final_multiplier: float,
     base: str,
 ) -> Flow:
-    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim)
+    dim, num_layers, context_dim = _builder_args(dim, num_layers, context_dim, base=base)
     functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
     layers: list[Transform] = []
     # A fixed permutation between two layers is folded into the orders of the layers

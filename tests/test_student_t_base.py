@@ -148,9 +148,16 @@ def test_conditional_flow_with_student_t_base():
 
 
 @pytest.mark.parametrize("builder", [pyro_nf.realnvp, pyro_nf.maf, pyro_nf.iaf, pyro_nf.cnf])
-def test_an_unknown_base_is_an_error_that_names_the_choices(builder):
+def test_an_unknown_base_is_an_error_that_names_the_choices(builder, monkeypatch):
+    def no_layer(*args, **kwargs):
+        raise AssertionError("a layer was built before the base was checked")
+
+    for name in ("Coupling", "MaskedAutoregressive", "InverseAutoregressive", "ContinuousFlow"):
+        monkeypatch.setattr(pyro_nf.flows, name, no_layer)
     with pytest.raises(ValueError, match="student_t"):
         builder(2, base="cauchy")
+    with pytest.raises(ValueError, match="student_t"):
+        Flow([], 2, base="cauchy")
     assert FLOW_BASES == ("normal", "student_t")
 
 
