@@ -126,6 +126,8 @@ class CNFOptions:
     initialisation (:class:`~pyro_nf.nn.ODEDynamics`: ``"preserve"``, the default, or
     ``"torch"``, PyTorch's, the default before; the name then ends in ``torch-init``).
     ``state_scale``: fields ``s(z, t) * z + m(z, t)`` (the name ends in ``state-scale``).
+    ``adjoint=False``: gradients by backpropagation through the solver's steps instead of
+    the adjoint solve (the name ends in ``backprop``).
     """
 
     depth: int = 3
@@ -140,6 +142,7 @@ class CNFOptions:
     actnorm: bool = False
     init: str = "preserve"
     state_scale: bool = False
+    adjoint: bool = True
 
     def name(self) -> str:
         text = f"cnf {self.depth}x{self.activation}"
@@ -152,6 +155,7 @@ class CNFOptions:
         text += f" init {self.init_scale:g}" if self.init_scale != 1e-2 else ""
         text += " torch-init" if self.init == "torch" else ""
         text += " state-scale" if self.state_scale else ""
+        text += " backprop" if not self.adjoint else ""
         return text + (" actnorm" if self.actnorm else "")
 
 
@@ -179,6 +183,7 @@ def pyro_nf_cnf(options: CNFOptions) -> Callable[[int, int], DensityModel]:
                 ),
                 time=options.time,
                 regularize=regularize,
+                adjoint=options.adjoint,
                 rtol=options.train_tol,
                 atol=options.train_tol,
             )
@@ -340,6 +345,8 @@ CNF_STUDY = (
     CNFOptions(depth=3, state_scale=True, time=3.0),
     CNFOptions(depth=3, state_scale=True, time=5.0),
     CNFOptions(depth=3, state_scale=True, time=10.0),
+    CNFOptions(depth=3, adjoint=False),
+    CNFOptions(depth=3, adjoint=False, state_scale=True),
 )
 
 
