@@ -60,6 +60,7 @@ from common import (  # noqa: E402
 
 from pyro_nf import fit  # noqa: E402
 from pyro_nf.datasets import TOY_DENSITIES, toy_density, train_test_split  # noqa: E402
+from pyro_nf.flows import FLOW_BASES  # noqa: E402
 from pyro_nf.infer import ArrayDataset, NpyBatches  # noqa: E402
 
 FAMILIES = ("gaussian", "realnvp", "spline", "maf", "iaf", "cnf")
@@ -188,7 +189,9 @@ def make_model(
     dim = train.dim if isinstance(train, StreamedTable) else train.shape[1]
     if family == "gaussian":
         return GaussianBaseline(train if isinstance(train, Tensor) else train.stream("train")), True
-    flow = build_flow(family, dim, num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2)
+    flow = build_flow(
+        family, dim, num_layers=args.flow_layers, hidden_dims=(args.hidden,) * 2, base=args.base
+    )
     if isinstance(train, StreamedTable):
         data, validation = train.stream("train"), train.stream("validation", 4096)
     else:
@@ -303,6 +306,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--flow-layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument(
+        "--base",
+        choices=FLOW_BASES,
+        default="normal",
+        help="the flows' base distribution (student_t: learned tails, for heavy-tailed data)",
+    )
     parser.add_argument("--resolution", type=int, default=120, help="density image pixels")
     parser.add_argument(
         "--devices", type=int, default=None, help="train through Lightning on this many devices"

@@ -140,6 +140,16 @@ def test_density_estimation_quick(tmp_path):
     assert_files(result)
 
 
+@pytest.mark.parametrize("family", ["realnvp", "spline", "maf", "cnf"])
+def test_density_estimation_base_option_reaches_every_flow(family, tmp_path):
+    example = load_example("density_estimation")
+    args = example.parse_args(["--quick", "--base", "student_t", "--output-dir", str(tmp_path)])
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    model, _ = example.make_model(family, data, args)
+    assert model.base == "student_t" and model.base_df.shape == (2,)
+    assert example.parse_args(["--quick"]).base == "normal"
+
+
 def test_density_estimation_quick_on_a_table(tmp_path):
     table = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "table.csv"
