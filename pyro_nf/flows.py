@@ -201,8 +201,9 @@ class FlowDistribution(dist.TransformedDistribution):
 #: The base distributions a :class:`Flow` (and every builder, ``base=...``) accepts.
 FLOW_BASES: tuple[str, ...] = ("normal", "student_t")
 
-#: The initial degrees of freedom of a ``base="student_t"`` flow: tails a little heavier
-#: than the normal's, which training makes heavier or lighter.
+#: The initial degrees of freedom of a ``base="student_t"`` flow (and of a
+#: ``base="student_t"`` guide, :data:`pyro_nf.infer.autoguide.STUDENT_T_INIT_DF`): tails
+#: a little heavier than the normal's, which training makes heavier or lighter.
 FLOW_STUDENT_T_INIT_DF = 10.0
 
 #: The largest degrees of freedom of a ``base="student_t"`` flow (then a normal to
@@ -415,6 +416,7 @@ def layer_coupling_functions(
 
 
 def _check_base(base: object) -> None:
+    """A ``ValueError`` naming :data:`FLOW_BASES` unless ``base`` is one of them."""
     if base not in FLOW_BASES:
         raise ValueError(f"unknown base {base!r}; expected one of {FLOW_BASES}")
 

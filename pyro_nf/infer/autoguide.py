@@ -42,7 +42,7 @@ from torch.distributions import Transform, biject_to
 from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
-from pyro_nf.flows import FLOW_BUILDERS, Flow, flow_builder
+from pyro_nf.flows import FLOW_BUILDERS, FLOW_STUDENT_T_INIT_DF, Flow, flow_builder
 from pyro_nf.transforms.base import FlowTransform
 
 __all__ = [
@@ -91,7 +91,7 @@ GUIDE_GRADIENTS: tuple[str, ...] = ("total", "path")
 
 #: The initial degrees of freedom of a ``base="student_t"`` guide: tails a little
 #: heavier than the normal's, which training can make heavier (or lighter).
-STUDENT_T_INIT_DF = 10.0
+STUDENT_T_INIT_DF = FLOW_STUDENT_T_INIT_DF
 
 #: The family names ``AutoFlow(model, flow=name)`` accepts: the keys of
 #: :data:`pyro_nf.flows.FLOW_BUILDERS` (kept as a public alias of that registry).
