@@ -93,6 +93,21 @@ def test_svi_under_a_subsampled_plate_reaches_the_direct_nll(model_name):
     assert abs(svi - direct) < error, scores
 
 
+def test_fit_learning_rate_study_runs_and_scores(tmp_path):
+    study = load_script("benchmarks/fit_lr.py", "benchmark_fit_lr")
+    output = tmp_path / "rows.json"
+    argv = ["--toys", "banana", "--families", "realnvp", "spline coupling t"]
+    argv += ["--lrs", "1e-2", "--num-train", "200", "--test-points", "300"]
+    rows = study.main([*argv, "--output", str(output)])
+    assert [(row["family"], row["lr"]) for row in rows] == [
+        ("realnvp", 1e-2),
+        ("spline coupling t", 1e-2),
+    ]
+    for row in rows:
+        assert math.isfinite(row["nll"]) and row["se"] > 0 and row["epochs"] > 0, row
+    assert json.loads(output.read_text()) == rows
+
+
 @pytest.mark.slow
 def test_a_student_t_base_fits_the_heavy_tailed_toy_to_its_exact_nll():
     # The suite's budget and seed 0. Over seeds 0-4 (docs/benchmarks/density.md) the
