@@ -39,7 +39,9 @@ FAMILY_BUILDERS: dict[str, str] = {
 #: Keyword arguments each family adds to the builder call (beyond dim and context_dim).
 FAMILY_OPTIONS: dict[str, dict[str, object]] = {
     "realnvp": {},
-    "spline": {"coupling": "spline", "coupling_kwargs": {"num_bins": 8, "bound": 4.0}},
+    # The builder's spline defaults (16 bins on [-5, 5], linear tails: the density
+    # suite's spline study).
+    "spline": {"coupling_function": "spline"},
     "maf": {},
     "iaf": {},
     # Looser tolerances than the builder's default: the examples train small models
