@@ -414,13 +414,16 @@ def student_t(num_samples: int, seed: int = 0) -> Tensor:
     return points.to(torch.get_default_dtype())
 
 
+def student_t_log_prob(points: Tensor) -> Tensor:
+    """The exact log-density of :func:`student_t`'s distribution at ``points`` ``(N, 2)``."""
+    scale = 1 / math.sqrt(STUDENT_DF / (STUDENT_DF - 2))
+    return dist.StudentT(STUDENT_DF, 0.0, scale).log_prob(points).sum(-1)
+
+
 def student_t_nll() -> float:
     """The exact NLL (nats per point) of :func:`student_t`'s density."""
-    scale = 1 / math.sqrt(STUDENT_DF / (STUDENT_DF - 2))
-    coordinate = dist.StudentT(STUDENT_DF, 0.0, scale)
     # E[-log p] by a large fixed-seed Monte Carlo sum (the closed form needs digamma terms).
-    draws = student_t(400_000, seed=123)
-    return float(-coordinate.log_prob(draws).sum(-1).mean())
+    return float(-student_t_log_prob(student_t(400_000, seed=123)).mean())
 
 
 def toy_sampler(name: str) -> Callable[[int, int], Tensor]:

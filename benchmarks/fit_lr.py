@@ -51,11 +51,7 @@ def run(toy: str, family: str, lr: float, args: argparse.Namespace) -> dict:
         epochs = -1
     seconds = time.process_time() - start
     flow.eval()
-    with torch.no_grad():
-        nll = -flow.log_prob(test).double()
-    finite = epochs >= 0 and bool(torch.isfinite(nll).all())
-    mean = float(nll.mean()) if finite else math.nan
-    error = float(nll.std() / math.sqrt(nll.numel())) if finite else math.nan
+    mean, error = density.nll_and_error(flow, test) if epochs >= 0 else (math.nan, math.nan)
     row = {"toy": toy, "family": family, "lr": lr, "nll": mean, "se": error}
     row.update(epochs=epochs, seconds=seconds)
     print(
