@@ -24,10 +24,12 @@ from pyro_nf.infer.diagnostics import (
     psis_diagnostic,
     to_inference_data,
 )
+from pyro_nf.infer.flow_matching import flow_matching_loss
 from pyro_nf.infer.guide_training import GUIDE_BUDGETS, fit_guide
-from pyro_nf.infer.training import FitHistory, NonFiniteLossError, fit
+from pyro_nf.infer.training import FIT_OBJECTIVES, FitHistory, NonFiniteLossError, fit
 
 __all__ = [
+    "FIT_OBJECTIVES",
     "FLOW_FAMILIES",
     "GUIDE_BUDGETS",
     "AmortizedAffine",
@@ -43,6 +45,7 @@ __all__ = [
     "first_argument_rows",
     "fit",
     "fit_guide",
+    "flow_matching_loss",
     "importance_draws",
     "psis_diagnostic",
     "targets",

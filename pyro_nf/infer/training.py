@@ -30,9 +30,10 @@ then maximizes the log-likelihood)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyro
@@ -44,8 +45,10 @@ from tqdm.auto import tqdm
 from pyro_nf._validation import integer, positive_number
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import ArrayDataset, batch_loader, prepare_batch, split_indices
+from pyro_nf.infer.flow_matching import flow_matching_batch_loss, flow_matching_block
 
 __all__ = [
+    "FIT_OBJECTIVES",
     "EarlyStopping",
     "FitHistory",
     "LastGoodParameters",
@@ -61,6 +64,10 @@ __all__ = [
 
 Batch = Tensor | Sequence[Tensor]
 
+#: :func:`fit`'s training objectives: ``"likelihood"`` (maximum likelihood, any flow) and
+#: ``"flow_matching"`` (:func:`~pyro_nf.infer.flow_matching_loss`, a flow of one ODE block).
+FIT_OBJECTIVES = ("likelihood", "flow_matching")
+
 
 @dataclass
 class FitHistory:
@@ -68,7 +75,10 @@ class FitHistory:
 
     Attributes:
         train_log_likelihood: mean log-likelihood per point of the training
-            minibatches of each epoch (an average over the epoch's updates).
+            minibatches of each epoch (an average over the epoch's updates; empty for
+            ``objective="flow_matching"``).
+        train_flow_matching_loss: the mean flow-matching loss of each epoch's training
+            minibatches (``objective="flow_matching"`` only).
         validation_log_likelihood: mean log-likelihood per validation point after each
             epoch (empty without a validation split).
         best_epoch: the epoch (0-based) whose parameters the flow holds at the end.
@@ -80,6 +90,7 @@ class FitHistory:
     """
 
     train_log_likelihood: list[float] = field(default_factory=list)
+    train_flow_matching_loss: list[float] = field(default_factory=list)
     validation_log_likelihood: list[float] = field(default_factory=list)
     best_epoch: int = -1
     best_validation_log_likelihood: float = math.nan
@@ -89,7 +100,7 @@ class FitHistory:
     @property
     def epochs_run(self) -> int:
         """The number of completed epochs."""
-        return len(self.train_log_likelihood)
+        return max(len(self.train_log_likelihood), len(self.train_flow_matching_loss))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -430,13 +441,22 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     num_workers: int = 0,
     compile: bool | str = False,
+    objective: str = "likelihood",
 ) -> FitHistory:
-    r"""Train a flow by maximum likelihood with minibatches and early stopping.
+    r"""Train a flow by maximum likelihood (or flow matching) with minibatches and early stopping.
 
     .. math::
         \max_\phi \frac{1}{|B|} \sum_{i \in B} \log p_\phi(x_i \mid c_i)
 
-    over shuffled minibatches ``B`` of the training split. After each epoch the mean
+    over shuffled minibatches ``B`` of the training split (``objective="likelihood"``,
+    the default). A flow of one ODE block (``pyro_nf.cnf(dim)``) can instead be trained
+    by flow matching (``objective="flow_matching"``): each step regresses its vector
+    field on straight paths from base draws to the minibatch
+    (:func:`~pyro_nf.infer.flow_matching_loss`), one field evaluation per point instead
+    of an ODE solve, so a step costs tens of times less and many more steps fit in the
+    same time (give it more ``epochs`` and a larger ``lr``; see
+    ``docs/benchmarks/density.md``). Its base draws and times come from a generator
+    seeded by ``seed``. After each epoch the mean
     log-likelihood of the validation split is computed (in eval mode, without
     gradients); training stops when it has not improved for ``patience`` epochs, and
     the parameters of the best epoch are restored at the end. Without validation data
@@ -460,7 +480,7 @@ def fit(
     ``validation_data`` (a tensor, an ``(x, context)`` pair of tensors, a dataset or an
     iterable of minibatches) replaces the automatic split.
 
-    A non-finite loss or gradient stops training: the parameters of the end of the last
+    Either way, a non-finite loss or gradient stops training: the parameters of the end of the last
     completed epoch are restored and :class:`NonFiniteLossError` (a
     ``FloatingPointError``) is raised, naming the epoch and step and carrying the
     history. The optimizer's state is not restored. Invalid minibatches in a dataset or
@@ -492,7 +512,8 @@ def fit(
             on one CPU thread a training step of the benchmark flows (D = 16, batch
             4096, 5 layers of 256) took 0.89x (MAF) to 0.95x (real NVP) of eager, after
             5 to 10 s of compilation (``benchmarks/compile.py``,
-            ``docs/benchmarks/performance.md``).
+            ``docs/benchmarks/performance.md``). Likelihood objective only.
+        objective: ``"likelihood"`` or ``"flow_matching"`` (:data:`FIT_OBJECTIVES`).
 
     Returns:
         a :class:`FitHistory`.
@@ -526,37 +547,53 @@ def fit(
         lr = positive_number("lr", lr)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
+    flow_matching = objective == "flow_matching"
+    if flow_matching:
+        flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
+        if compile is not False:
+            raise ValueError("compile applies to the likelihood objective, not to flow matching")
     train_batches, validation_batches, validation_index = _loaders(
         flow, data, context, validation_data, validation_fraction, batch_size, seed, num_workers
     )
     if optimizer is None:
         optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    loss_of = batch_loss if compile is False else compiled_batch_loss(flow, compile)
+    if flow_matching:
+        loss_of = flow_matching_batch_loss
+    else:
+        loss_of = batch_loss if compile is False else compiled_batch_loss(flow, compile)
 
     history = FitHistory(validation_index=validation_index)
+    # The history records the likelihood objective as a log-likelihood, flow matching as its loss.
+    if flow_matching:
+        train_record, sign = history.train_flow_matching_loss, 1.0
+    else:
+        train_record, sign = history.train_log_likelihood, -1.0
     stopping = EarlyStopping(patience if validation_batches is not None else None)
     last_good = LastGoodParameters(flow)
     best_state = None
     was_training = flow.training
     flow.train()
     bar = tqdm(range(epochs), disable=not progress, desc="fit", unit="epoch")
+    random_state = _seeded_random_state(seed) if flow_matching else contextlib.nullcontext()
     try:
-        for epoch in bar:
-            history.train_log_likelihood.append(
-                _train_epoch(flow, train_batches, optimizer, epoch, history, loss_of)
-            )
-            last_good.save()
-            postfix = {"train": f"{history.train_log_likelihood[-1]:.3f}"}
-            if validation_batches is not None:
-                value = validation_log_likelihood(flow, validation_batches)
-                history.validation_log_likelihood.append(value)
-                postfix["validation"] = f"{value:.3f}"
-                if stopping.update(value, epoch):
-                    best_state = last_good.state
-            bar.set_postfix(postfix)
-            if stopping.should_stop:
-                history.stopped_early = True
-                break
+        with random_state:
+            for epoch in bar:
+                mean_loss = _train_epoch(flow, train_batches, optimizer, epoch, history, loss_of)
+                train_record.append(sign * mean_loss)
+                last_good.save()
+                postfix = {"train": f"{train_record[-1]:.3f}"}
+                if validation_batches is not None:
+                    value = validation_log_likelihood(flow, validation_batches)
+                    history.validation_log_likelihood.append(value)
+                    postfix["validation"] = f"{value:.3f}"
+                    if stopping.update(value, epoch):
+                        best_state = last_good.state
+                bar.set_postfix(postfix)
+                if stopping.should_stop:
+                    history.stopped_early = True
+                    break
     except (NonFiniteLossError, ValueError):
         last_good.restore()
         raise
@@ -580,7 +617,7 @@ def _train_epoch(
     history: FitHistory,
     loss_of: Callable[[Flow, Batch], tuple[Tensor, int]] = batch_loss,
 ) -> float:
-    """One pass of updates; the mean training log-likelihood per point of the pass."""
+    """One pass of updates; the mean training loss per point of the pass."""
     total, count = 0.0, 0
     for step, batch in enumerate(batches):
         loss, size = loss_of(flow, batch)
@@ -598,4 +635,17 @@ def _train_epoch(
         count += size
     if count == 0:
         raise ValueError("the training data are empty")
-    return -total / count
+    return total / count
+
+
+@contextlib.contextmanager
+def _seeded_random_state(seed: int) -> Iterator[None]:
+    """Run the block on torch's random state seeded by ``seed``, then restore the state.
+
+    The draws of a training objective (flow matching's base draws and times) are then
+    fixed by ``fit``'s ``seed`` and leave the caller's random state untouched.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -40,8 +40,10 @@ class ConcatSquashLinear(nn.Module):
         y = (W u + b) \odot \sigma(a_g t + A_g c + b_g) + a_s t + A_s c
 
     The input ``u`` has shape ``(..., in_features)``, the time ``t`` is a scalar tensor
-    and the optional context ``c`` has shape ``(..., context_dim)``; the output has
-    shape ``(..., out_features)`` (the batch shapes of ``u`` and ``c`` broadcast).
+    (one time for the batch, as in an ODE solve) or has a batch shape (a time per row,
+    as in :func:`~pyro_nf.infer.flow_matching_loss`), and the optional context ``c``
+    has shape ``(..., context_dim)``; the output has shape ``(..., out_features)``
+    (the batch shapes of ``u``, ``t`` and ``c`` broadcast).
 
     Arguments:
         in_features: the input size.
@@ -56,6 +58,8 @@ class ConcatSquashLinear(nn.Module):
         >>> layer = ConcatSquashLinear(3, 5, context_dim=2)
         >>> layer(torch.tensor(0.5), torch.randn(4, 3), torch.randn(4, 2)).shape
         torch.Size([4, 5])
+        >>> layer(torch.rand(4), torch.randn(4, 3), torch.randn(4, 2)).shape  # a time per row
+        torch.Size([4, 5])
     """
 
     def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
@@ -68,11 +72,15 @@ class ConcatSquashLinear(nn.Module):
         self.hyper = nn.Linear(1 + context_dim, 2 * out_features)
 
     def forward(self, t: Tensor, inputs: Tensor, context: Tensor | None = None) -> Tensor:
+        # One time for the batch -> (1,); a time per row, shape (...) -> (..., 1).
+        time = t.to(inputs).reshape(1) if t.numel() == 1 else t.to(inputs).unsqueeze(-1)
         if context is None:
-            hyper_input = t.reshape(1).to(inputs)
+            hyper_input = time
         else:
-            time = t.to(context).expand(context.shape[:-1] + (1,))
-            hyper_input = torch.cat([time, context], dim=-1)
+            batch_shape = torch.broadcast_shapes(time.shape[:-1], context.shape[:-1])
+            hyper_input = torch.cat(
+                [time.expand(batch_shape + (1,)), context.expand(batch_shape + (-1,))], dim=-1
+            )
         gate, shift = self.hyper(hyper_input).chunk(2, dim=-1)
         return self.linear(inputs) * torch.sigmoid(gate) + shift
 
@@ -118,9 +126,10 @@ class ODEDynamics(nn.Module):
     posterior), which a bounded tanh field :math:`m` alone can follow only within its
     range. Both outputs start near zero (``final_init_scale``), so the field does too.
 
-    Shapes: ``t`` a scalar tensor, ``z`` of shape ``(..., dim)``, the optional context
-    of shape ``(..., context_dim)``; the output has the broadcast batch shape and
-    ``dim`` features. The argument order ``(t, z)`` is torchdiffeq's.
+    Shapes: ``t`` a scalar tensor or a time per row (a batch shape), ``z`` of shape
+    ``(..., dim)``, the optional context of shape ``(..., context_dim)``; the output has
+    the broadcast batch shape and ``dim`` features. The argument order ``(t, z)`` is
+    torchdiffeq's.
 
     Arguments:
         dim: the state size D.
