@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from pyro_nf._validation import positive_number
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import prepare_batch
+from pyro_nf.infer.flow_matching import flow_matching_batch_loss, flow_matching_block
 from pyro_nf.infer.training import (
+    FIT_OBJECTIVES,
     LastGoodParameters,
     batch_log_likelihood,
     batch_loss,
@@ -127,8 +129,13 @@ class FlowDensityModule(_GuardedTraining):
         \min_\phi -\frac{1}{|B|} \sum_{i \in B} \log p_\phi(x_i \mid c_i)
 
     per minibatch (x -> z, the density direction), the loss of :func:`pyro_nf.fit`.
+    With ``objective="flow_matching"`` a flow of one ODE block is trained by
+    :func:`~pyro_nf.infer.flow_matching_loss` instead (as ``fit(...,
+    objective="flow_matching")``; its base draws and times come from the global random
+    state, which Lightning seeds and checkpoints keep).
     Minibatches are ``x`` of shape ``(B, D)`` or ``(x, context)`` pairs for a
-    conditional flow. Logged: ``train_log_likelihood`` and, with validation data,
+    conditional flow. Logged: ``train_log_likelihood`` (or
+    ``train_flow_matching_loss``) and, with validation data,
     ``validation_log_likelihood`` (mean per point; monitor it with Lightning's
     ``EarlyStopping(monitor="validation_log_likelihood", mode="max")`` and
     ``ModelCheckpoint``).
@@ -137,6 +144,8 @@ class FlowDensityModule(_GuardedTraining):
         flow: the flow to train (a submodule: checkpoints hold its state).
         lr: the learning rate of the default Adam optimizer.
         optimizer: a callable from parameters to a torch optimizer, replacing Adam.
+        objective: ``"likelihood"`` or ``"flow_matching"``
+            (:data:`~pyro_nf.infer.FIT_OBJECTIVES`).
 
     Example:
         >>> flow = pyro_nf.realnvp(dim=2, num_layers=2, hidden_dims=(8,))
@@ -150,17 +159,31 @@ class FlowDensityModule(_GuardedTraining):
     """
 
     def __init__(
-        self, flow: Flow, lr: float = 1e-3, optimizer: OptimizerFactory | None = None
+        self,
+        flow: Flow,
+        lr: float = 1e-3,
+        optimizer: OptimizerFactory | None = None,
+        objective: str = "likelihood",
     ) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f"flow must be a pyro_nf.Flow, got {type(flow).__name__}")
+        if objective not in FIT_OBJECTIVES:
+            raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
+        if objective == "flow_matching":
+            flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
         super().__init__(lr, optimizer)
         self.flow = flow
+        self.objective = objective
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
-        loss, size = batch_loss(self.flow, batch)
+        if self.objective == "flow_matching":
+            loss, size = flow_matching_batch_loss(self.flow, batch)
+            name, value = "train_flow_matching_loss", loss.detach()
+        else:
+            loss, size = batch_loss(self.flow, batch)
+            name, value = "train_log_likelihood", -loss.detach()
         self._update(loss, batch_idx)
-        self.log("train_log_likelihood", -loss.detach(), prog_bar=True, batch_size=size)
+        self.log(name, value, prog_bar=True, batch_size=size)
         return loss.detach()
 
     def validation_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> None:
