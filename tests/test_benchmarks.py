@@ -28,6 +28,7 @@ def test_quick_mode_scores_every_model_and_writes_its_outputs(tmp_path):
         "pyro-nf maf",
         "pyro spline AR",
         "zuko NSF",
+        "pyro-nf cnf (flow matching)",
     ]
     output = tmp_path / "rows.json"
     result = suite.main(
@@ -51,6 +52,23 @@ def test_quick_mode_scores_every_model_and_writes_its_outputs(tmp_path):
     assert json.loads(output.read_text())["rows"] == rows
     assert (tmp_path / "g.png").stat().st_size > 0
     assert "| two_moons |" in result["table"]
+    # Flow matching takes 50 times the budget's (5) steps, one field evaluation each.
+    matching = next(row for row in toy_rows if row["model"] == "pyro-nf cnf (flow matching)")
+    assert matching["nfe_train"] == 1 and matching["nfe_eval"] > 0
+
+
+def test_a_flow_matching_model_trains_by_its_own_loss_and_not_through_svi():
+    suite = load_density_suite()
+    model = suite.MODELS["pyro-nf cnf (flow matching)"](2, 8)
+    assert (model.step_factor, model.lr_factor) == (50, 10.0)
+    budget = suite.Budget(params=0, steps=2, batch=16, lr=1e-3)
+    steps = []
+    original = model.loss
+    model.loss = lambda x: steps.append(x.shape) or original(x)
+    suite.train(model, lambda step: torch.randn(16, 2), budget)
+    assert len(steps) == 100  # 50 x 2 steps, each on the model's own loss
+    with pytest.raises(ValueError, match="does not train by likelihood"):
+        suite.svi_step(model, budget, 100)
 
 
 def test_budget_sizing_hits_the_target_within_one_width_step():
@@ -96,13 +114,15 @@ def test_svi_under_a_subsampled_plate_reaches_the_direct_nll(model_name):
 def test_fit_learning_rate_study_runs_and_scores(tmp_path):
     study = load_script("benchmarks/fit_lr.py", "benchmark_fit_lr")
     output = tmp_path / "rows.json"
-    argv = ["--toys", "banana", "--families", "realnvp", "spline coupling t"]
-    argv += ["--lrs", "1e-2", "--num-train", "200", "--test-points", "300"]
+    argv = ["--toys", "banana", "--families", "realnvp", "spline coupling t", "cnf flow matching"]
+    argv += ["--lrs", "1e-2", "--num-train", "200", "--test-points", "300", "--epochs", "3"]
     rows = study.main([*argv, "--output", str(output)])
     assert [(row["family"], row["lr"]) for row in rows] == [
         ("realnvp", 1e-2),
         ("spline coupling t", 1e-2),
+        ("cnf flow matching", 1e-2),
     ]
+    assert all(row["epochs"] == 3 for row in rows)  # --epochs reaches fit
     for row in rows:
         assert math.isfinite(row["nll"]) and row["se"] > 0 and row["epochs"] > 0, row
     assert json.loads(output.read_text()) == rows
