@@ -258,10 +258,9 @@ def test_fit_by_flow_matching_is_seeded_and_leaves_the_random_state_alone():
         )
         assert torch.equal(torch.get_rng_state(), rng_before)
         states.append(state_of(flow))
-        assert len(history.validation_log_likelihood) == 3
-        assert history.best_epoch == max(
-            range(3), key=history.validation_log_likelihood.__getitem__
-        )
+        # 12 steps in all, fewer than the 1000 between validations: the last epoch's only.
+        assert history.validation_epochs == [2] and history.best_epoch == 2
+        assert len(history.validation_log_likelihood) == 1
     assert_same_state(*states)
 
 
@@ -270,14 +269,46 @@ def test_fit_by_flow_matching_trains_a_conditional_flow():
     context = torch.randn(200, 1, dtype=torch.float64)
     data = torch.randn(200, 2, dtype=torch.float64) * 0.3 + 2.0 * context
     flow = small_cnf(context_dim=1)
+    with torch.no_grad():
+        before = float(flow.log_prob(data, context).mean())
     history = pyro_nf.fit(
         flow, data, context, objective="flow_matching", epochs=20, lr=1e-2, progress=False
     )
     assert history.train_flow_matching_loss[-1] < history.train_flow_matching_loss[0]
-    assert (
-        history.validation_log_likelihood[history.best_epoch]
-        > (history.validation_log_likelihood[0])
+    with torch.no_grad():
+        after = float(flow.log_prob(data, context).mean())
+    assert after > before + 0.5  # the initial flow is N(0, I) for every context
+
+
+def test_fit_takes_each_objectives_defaults(monkeypatch):
+    from pyro_nf.infer import training
+
+    likelihood = training.FIT_DEFAULTS["likelihood"]
+    assert (likelihood.lr, likelihood.epochs, likelihood.cosine_decay) == (1e-3, 100, False)
+    matching = training.FIT_DEFAULTS["flow_matching"]
+    assert (matching.lr, matching.steps, matching.steps_per_validation) == (1e-2, 50_000, 1000)
+    assert matching.epochs is None and matching.cosine_decay
+    # Smaller numbers of the same kind: 64 training rows in minibatches of 16 are 4
+    # steps an epoch, so 10 steps are 3 epochs and a validation every 8 steps is one
+    # every 2 epochs (and one after the last).
+    small = training.ObjectiveDefaults(
+        lr=1e-2, epochs=None, steps=10, steps_per_validation=8, cosine_decay=True
     )
+    monkeypatch.setitem(training.FIT_DEFAULTS, "flow_matching", small)
+    flow = small_cnf()
+    optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
+    history = pyro_nf.fit(
+        flow,
+        torch.randn(80, 2, dtype=torch.float64),
+        objective="flow_matching",
+        batch_size=16,
+        validation_fraction=0.2,
+        optimizer=optimizer,
+        progress=False,
+    )
+    assert history.epochs_run == 3 and history.validation_epochs == [1, 2]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed
+    assert optimizer.param_groups[0]["initial_lr"] == 0.05
 
 
 class OverflowingField(nn.Module):

@@ -48,11 +48,13 @@ from pyro_nf.infer.data import ArrayDataset, batch_loader, prepare_batch, split_
 from pyro_nf.infer.flow_matching import flow_matching_batch_loss, flow_matching_block
 
 __all__ = [
+    "FIT_DEFAULTS",
     "FIT_OBJECTIVES",
     "EarlyStopping",
     "FitHistory",
     "LastGoodParameters",
     "NonFiniteLossError",
+    "ObjectiveDefaults",
     "batch_log_likelihood",
     "batch_loss",
     "compiled_batch_loss",
@@ -69,6 +71,43 @@ Batch = Tensor | Sequence[Tensor]
 FIT_OBJECTIVES = ("likelihood", "flow_matching")
 
 
+@dataclass(frozen=True)
+class ObjectiveDefaults:
+    """:func:`fit`'s defaults for one objective (the arguments left at ``None``).
+
+    Attributes:
+        lr: the default Adam learning rate.
+        epochs: the number of epochs, or None to run ``steps`` optimizer steps.
+        steps: the optimizer steps of a run when ``epochs`` is None (rounded up to
+            whole epochs; 100 epochs when the number of minibatches is unknown).
+        steps_per_validation: the validation pass runs after every epoch that
+            completes this many steps since the last one (rounded up to whole epochs),
+            and after the last epoch.
+        cosine_decay: decay the learning rate from ``lr`` to 0 by a cosine over the run's
+            steps (else it stays constant).
+    """
+
+    lr: float
+    epochs: int | None
+    steps: int | None
+    steps_per_validation: int
+    cosine_decay: bool
+
+
+#: Per objective, chosen on the density suite (``docs/benchmarks/density.md``): the
+#: likelihood at lr 1e-3 for 100 epochs validated after each (``benchmarks/fit_lr.py``);
+#: flow matching, whose step is one field evaluation instead of an ODE solve, at lr
+#: 1e-2 for 50,000 steps with a cosine decay, validated every 1000 steps.
+FIT_DEFAULTS = {
+    "likelihood": ObjectiveDefaults(
+        lr=1e-3, epochs=100, steps=None, steps_per_validation=1, cosine_decay=False
+    ),
+    "flow_matching": ObjectiveDefaults(
+        lr=1e-2, epochs=None, steps=50_000, steps_per_validation=1000, cosine_decay=True
+    ),
+}
+
+
 @dataclass
 class FitHistory:
     """What :func:`fit` did, epoch by epoch.
@@ -80,7 +119,10 @@ class FitHistory:
         train_flow_matching_loss: the mean flow-matching loss of each epoch's training
             minibatches (``objective="flow_matching"`` only).
         validation_log_likelihood: mean log-likelihood per validation point after each
-            epoch (empty without a validation split).
+            validated epoch (empty without a validation split).
+        validation_epochs: the epochs (0-based) after which the validation pass ran:
+            every epoch for the likelihood at its defaults, about every 1000 steps for
+            flow matching (:data:`FIT_DEFAULTS`).
         best_epoch: the epoch (0-based) whose parameters the flow holds at the end.
         best_validation_log_likelihood: its validation log-likelihood (NaN without a
             validation split).
@@ -92,6 +134,7 @@ class FitHistory:
     train_log_likelihood: list[float] = field(default_factory=list)
     train_flow_matching_loss: list[float] = field(default_factory=list)
     validation_log_likelihood: list[float] = field(default_factory=list)
+    validation_epochs: list[int] = field(default_factory=list)
     best_epoch: int = -1
     best_validation_log_likelihood: float = math.nan
     stopped_early: bool = False
@@ -431,9 +474,9 @@ def fit(
     context: Tensor | None = None,
     *,
     validation_data: Tensor | tuple[Tensor, Tensor] | Dataset | Iterable[Batch] | None = None,
-    epochs: int = 100,
+    epochs: int | None = None,
     batch_size: int = 256,
-    lr: float = 1e-3,
+    lr: float | None = None,
     validation_fraction: float = 0.1,
     patience: int | None = 10,
     seed: int = 0,
@@ -449,19 +492,22 @@ def fit(
         \max_\phi \frac{1}{|B|} \sum_{i \in B} \log p_\phi(x_i \mid c_i)
 
     over shuffled minibatches ``B`` of the training split (``objective="likelihood"``,
-    the default). A flow of one ODE block (``pyro_nf.cnf(dim)``) can instead be trained
-    by flow matching (``objective="flow_matching"``): each step regresses its vector
-    field on straight paths from base draws to the minibatch
-    (:func:`~pyro_nf.infer.flow_matching_loss`), one field evaluation per point instead
-    of an ODE solve, so a step costs tens of times less and many more steps fit in the
-    same time (give it more ``epochs`` and a larger ``lr``; see
-    ``docs/benchmarks/density.md``). Its base draws and times come from a generator
-    seeded by ``seed``. After each epoch the mean
+    the default), with Adam at a constant rate. After each epoch the mean
     log-likelihood of the validation split is computed (in eval mode, without
-    gradients); training stops when it has not improved for ``patience`` epochs, and
-    the parameters of the best epoch are restored at the end. Without validation data
-    every epoch runs and the final parameters are kept. Direction: the loss evaluates
-    x -> z (density), the cheap direction of MAF and coupling flows.
+    gradients); training stops when it has not improved for ``patience`` validations,
+    and the parameters of the best validated epoch are restored at the end. Without
+    validation data every epoch runs and the final parameters are kept. Direction: the
+    loss evaluates x -> z (density), the cheap direction of MAF and coupling flows.
+
+    A flow of one ODE block (``pyro_nf.cnf(dim)``) can instead be trained by flow
+    matching (``objective="flow_matching"``): each step regresses its vector field on
+    straight paths from base draws to the minibatch
+    (:func:`~pyro_nf.infer.flow_matching_loss`), one field evaluation per point instead
+    of an ODE solve. Its defaults (:data:`FIT_DEFAULTS`, measured in
+    ``docs/benchmarks/density.md``) are many cheap steps: 50,000 steps at lr 1e-2
+    decayed to 0 by a cosine, validated by the log-likelihood every 1000 steps. Its
+    base draws and times come from torch's random state seeded by ``seed``, restored
+    afterwards.
 
     The data may be:
 
@@ -493,13 +539,17 @@ def fit(
         context: shape ``(N, flow.context_dim)`` with a data tensor and a conditional
             flow, else None.
         validation_data: explicit validation data (see above), or None.
-        epochs: the maximum number of passes over the training data.
+        epochs: the maximum number of passes over the training data (None: the
+            objective's default, :data:`FIT_DEFAULTS`: 100 for the likelihood, as many as
+            make 50,000 steps for flow matching).
         batch_size: the minibatch size (for tensors, datasets and iterable datasets).
-        lr: the learning rate of the default Adam optimizer.
+        lr: the learning rate of the default Adam optimizer (None: the objective's
+            default, 1e-3 for the likelihood and 1e-2 for flow matching).
         validation_fraction: the fraction held out of a tensor or map-style dataset, in
             ``[0, 1)``, when ``validation_data`` is None.
-        patience: epochs without validation improvement before stopping (None: never
-            stop early).
+        patience: validation passes without improvement before stopping (None: never
+            stop early). The likelihood validates after every epoch, flow matching about
+            every 1000 steps.
         seed: the seed of the split and of the shuffling (the global RNG is untouched).
         progress: show a tqdm progress bar over epochs.
         optimizer: an optimizer over the flow's parameters (default:
@@ -538,17 +588,19 @@ def fit(
         raise ValueError(f"expected data of shape (N, {flow.dim}), got {type(data).__name__}")
     if not isinstance(validation_fraction, int | float) or not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-    epochs = integer("epochs", epochs)
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
+    defaults = FIT_DEFAULTS[objective]
+    if epochs is not None:
+        epochs = integer("epochs", epochs)
     batch_size = integer("batch_size", batch_size)
     if patience is not None:
         patience = integer("patience", patience)
     num_workers = integer("num_workers", num_workers, minimum=0)
     if optimizer is None:
-        lr = positive_number("lr", lr)
+        lr = positive_number("lr", defaults.lr if lr is None else lr)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    if objective not in FIT_OBJECTIVES:
-        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
     flow_matching = objective == "flow_matching"
     if flow_matching:
         flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
@@ -559,6 +611,19 @@ def fit(
     )
     if optimizer is None:
         optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    batches_per_epoch = _number_of_batches(train_batches)
+    if epochs is None:
+        epochs = defaults.epochs or (
+            math.ceil(defaults.steps / batches_per_epoch) if batches_per_epoch else 100
+        )
+    validate_every = (
+        math.ceil(defaults.steps_per_validation / batches_per_epoch) if batches_per_epoch else 1
+    )
+    # A cosine decay per step over the run (per epoch when the epoch's length is unknown).
+    schedule, per_step = None, batches_per_epoch is not None
+    if defaults.cosine_decay:
+        length = epochs * batches_per_epoch if per_step else epochs
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, length, eta_min=0.0)
     if flow_matching:
         loss_of = flow_matching_batch_loss
     else:
@@ -580,13 +645,20 @@ def fit(
     try:
         with random_state:
             for epoch in bar:
-                mean_loss = _train_epoch(flow, train_batches, optimizer, epoch, history, loss_of)
+                step_schedule = schedule if per_step else None
+                mean_loss = _train_epoch(
+                    flow, train_batches, optimizer, epoch, history, loss_of, step_schedule
+                )
+                if schedule is not None and not per_step:
+                    schedule.step()
                 train_record.append(sign * mean_loss)
                 last_good.save()
                 postfix = {"train": f"{train_record[-1]:.3f}"}
-                if validation_batches is not None:
+                last = epoch == epochs - 1
+                if validation_batches is not None and ((epoch + 1) % validate_every == 0 or last):
                     value = validation_log_likelihood(flow, validation_batches)
                     history.validation_log_likelihood.append(value)
+                    history.validation_epochs.append(epoch)
                     postfix["validation"] = f"{value:.3f}"
                     if stopping.update(value, epoch):
                         best_state = last_good.state
@@ -616,12 +688,16 @@ def _train_epoch(
     epoch: int,
     history: FitHistory,
     loss_of: Callable[[Flow, Batch], tuple[Tensor, int]] = batch_loss,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """One pass of updates; the mean training loss per point of the pass."""
+    """One pass of updates (each followed by a step of ``schedule``, if any); the mean
+    training loss per point of the pass."""
     total, count = 0.0, 0
     for step, batch in enumerate(batches):
         loss, size = loss_of(flow, batch)
         failure = optimization_step(loss, optimizer)
+        if failure is None and schedule is not None:
+            schedule.step()
         if failure is not None:
             start = "the start" if epoch == 0 else f"the end of epoch {epoch - 1}"
             raise NonFiniteLossError(
@@ -636,6 +712,15 @@ def _train_epoch(
     if count == 0:
         raise ValueError("the training data are empty")
     return total / count
+
+
+def _number_of_batches(batches: Iterable[Batch]) -> int | None:
+    """The minibatches per pass of ``batches``, or None when it has no length."""
+    try:
+        length = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return length or None
 
 
 @contextlib.contextmanager
