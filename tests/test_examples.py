@@ -150,6 +150,28 @@ def test_density_estimation_base_option_reaches_every_flow(family, tmp_path):
     assert example.parse_args(["--quick"]).base == "normal"
 
 
+def test_density_estimation_cnf_objective_reaches_fit(tmp_path, monkeypatch):
+    example = load_example("density_estimation")
+    calls = []
+    real_fit = example.fit
+    monkeypatch.setattr(example, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    args = example.parse_args(["--quick", "--cnf-objective", "flow_matching"])
+    example.make_model("cnf", data, args)
+    example.make_model("maf", data, args)
+    # The cnf by flow matching, for the quick run's 2 epochs at fit's learning rate for
+    # it; every other family by maximum likelihood at the example's rate.
+    assert [(c["objective"], c["epochs"], c["lr"]) for c in calls] == [
+        ("flow_matching", 2, None),
+        ("likelihood", 2, 3e-3),
+    ]
+    options = example.training_options(
+        "cnf", example.parse_args(["--cnf-objective", "flow_matching"])
+    )
+    assert (options["epochs"], options["lr"]) == (None, None)  # fit's defaults
+    assert example.training_options("cnf", example.parse_args([]))["objective"] == "likelihood"
+
+
 def test_density_estimation_quick_on_a_table(tmp_path):
     table = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "table.csv"
