@@ -185,7 +185,7 @@ def fit_with_lightning(
         devices=args.devices,
         strategy=args.strategy,
         max_epochs=options["epochs"] or LIKELIHOOD_EPOCHS,
-        callbacks=[pl.callbacks.EarlyStopping(patience=args.patience, **monitor), best],
+        callbacks=[pl.callbacks.EarlyStopping(patience=args.patience or 10, **monitor), best],
         logger=False,
         enable_progress_bar=progress_enabled(args),
         enable_model_summary=False,
@@ -241,7 +241,7 @@ def make_model(
             data,
             validation_data=validation,
             batch_size=args.batch_size,
-            patience=args.patience,
+            patience="auto" if args.patience is None else args.patience,
             **options,
             seed=args.seed,
             progress=progress_enabled(args),
@@ -334,7 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--epochs", type=int, default=None, help="epochs (default: 100; flow matching: fit's)"
     )
-    parser.add_argument("--patience", type=int, default=10, help="early-stopping patience")
+    parser.add_argument(
+        "--patience", type=int, default=None, help="early-stopping patience (default: fit's)"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
         "--lr", type=float, default=None, help="learning rate (default: 3e-3; flow matching: fit's)"

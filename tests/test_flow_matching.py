@@ -284,15 +284,16 @@ def test_fit_takes_each_objectives_defaults(monkeypatch):
     from pyro_nf.infer import training
 
     likelihood = training.FIT_DEFAULTS["likelihood"]
-    assert (likelihood.lr, likelihood.epochs, likelihood.cosine_decay) == (1e-3, 100, False)
+    assert (likelihood.lr, likelihood.epochs, likelihood.patience) == (1e-3, 100, 10)
+    assert not likelihood.cosine_decay
     matching = training.FIT_DEFAULTS["flow_matching"]
     assert (matching.lr, matching.steps, matching.steps_per_validation) == (1e-2, 50_000, 1000)
-    assert matching.epochs is None and matching.cosine_decay
+    assert matching.epochs is None and matching.patience is None and matching.cosine_decay
     # Smaller numbers of the same kind: 64 training rows in minibatches of 16 are 4
     # steps an epoch, so 10 steps are 3 epochs and a validation every 8 steps is one
     # every 2 epochs (and one after the last).
     small = training.ObjectiveDefaults(
-        lr=1e-2, epochs=None, steps=10, steps_per_validation=8, cosine_decay=True
+        lr=1e-2, epochs=None, steps=10, steps_per_validation=8, patience=None, cosine_decay=True
     )
     monkeypatch.setitem(training.FIT_DEFAULTS, "flow_matching", small)
     flow = small_cnf()
@@ -351,3 +352,23 @@ def test_fit_by_flow_matching_refuses_a_non_finite_row_and_keeps_the_parameters(
     with pytest.raises(ValueError):  # prepare_batch refuses the row before any step
         pyro_nf.fit(flow, data, objective="flow_matching", epochs=2, progress=False)
     assert_same_state(before, state_of(flow))
+
+
+def test_patience_auto_is_each_objectives_own(monkeypatch):
+    from pyro_nf.infer import training
+
+    seen = []
+    original = training.EarlyStopping
+
+    def recording(patience):
+        seen.append(patience)
+        return original(patience)
+
+    monkeypatch.setattr(training, "EarlyStopping", recording)
+    data = torch.randn(40, 2, dtype=torch.float64)
+    pyro_nf.fit(small_cnf(), data, epochs=1, progress=False)
+    pyro_nf.fit(small_cnf(), data, epochs=1, objective="flow_matching", progress=False)
+    pyro_nf.fit(small_cnf(), data, epochs=1, objective="flow_matching", patience=3, progress=False)
+    assert seen == [10, None, 3]
+    with pytest.raises((TypeError, ValueError), match="patience"):
+        pyro_nf.fit(small_cnf(), data, epochs=1, patience="soon", progress=False)
