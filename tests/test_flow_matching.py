@@ -127,6 +127,20 @@ def test_draws_follow_the_data_dtype():
     assert loss.dtype == torch.float64
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_loss_and_fit_run_on_cuda():
+    flow = pyro_nf.cnf(2, hidden_dims=(8,), context_dim=1, base="student_t").cuda()
+    x, context = torch.randn(16, 2, device="cuda"), torch.randn(16, 1, device="cuda")
+    loss = flow_matching_loss(flow, x, context)
+    loss.backward()
+    assert loss.is_cuda
+    history = pyro_nf.fit(
+        flow, x.cpu(), context.cpu(), objective="flow_matching", epochs=2, progress=False
+    )
+    assert history.epochs_run == 2
+
+
 # ---------------------------------------------------------------------- per-row times
 
 
