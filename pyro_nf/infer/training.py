@@ -102,7 +102,8 @@ class ObjectiveDefaults:
 #: (``benchmarks/fit_lr.py``); flow matching, whose step is one field evaluation instead
 #: of an ODE solve, at lr 1e-2 for 50,000 steps with a cosine decay, validated every
 #: 1000 steps, without early stopping (the decaying rate improves it to the end; with
-#: patience 10 it stopped halfway on the rings, 3.462 against 3.320 without).
+#: patience 10 it stopped halfway on the rings, 3.462 against 3.320 without). Its 50
+#: validations cost about 5% of the run (rings, 4000 points: 81.6 against 77.9 CPU s).
 FIT_DEFAULTS = {
     "likelihood": ObjectiveDefaults(
         lr=1e-3, epochs=100, steps=None, steps_per_validation=1, patience=10, cosine_decay=False
@@ -537,8 +538,8 @@ def fit(
     ``validation_data`` (a tensor, an ``(x, context)`` pair of tensors, a dataset or an
     iterable of minibatches) replaces the automatic split.
 
-    Either way, a non-finite loss or gradient stops training: the parameters of the end of the last
-    completed epoch are restored and :class:`NonFiniteLossError` (a
+    Either way, a non-finite loss or gradient stops training: the parameters of the end
+    of the last completed epoch are restored and :class:`NonFiniteLossError` (a
     ``FloatingPointError``) is raised, naming the epoch and step and carrying the
     history. The optimizer's state is not restored. Invalid minibatches in a dataset or
     stream raise ``ValueError`` when they are read, after the same restore.
@@ -565,7 +566,8 @@ def fit(
         seed: the seed of the split and of the shuffling (the global RNG is untouched).
         progress: show a tqdm progress bar over epochs.
         optimizer: an optimizer over the flow's parameters (default:
-            ``torch.optim.Adam(flow.parameters(), lr)``).
+            ``torch.optim.Adam(flow.parameters(), lr)``); with flow matching its
+            learning rate is decayed by the same cosine.
         num_workers: ``DataLoader`` worker processes reading a dataset (0: read in this
             process).
         compile: ``True`` runs each minibatch's loss through ``torch.compile`` (a
