@@ -191,11 +191,9 @@ def fit_with_lightning(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    lr = options["lr"] or (
-        LIKELIHOOD_LR
-        if options["objective"] == "likelihood"
-        else FIT_DEFAULTS[options["objective"]].lr
-    )
+    # Flow matching without --lr: fit's rate for it (Lightning has no decay unless the
+    # user's optimizer brings one, and runs --epochs or the example's 100).
+    lr = options["lr"] or FIT_DEFAULTS[options["objective"]].lr
     trainer.fit(FlowDensityModule(flow, lr=lr, objective=options["objective"]), train, validation)
     if best.best_model_path:  # the best epoch's parameters, as fit keeps them
         state = torch.load(best.best_model_path, weights_only=True)["state_dict"]
