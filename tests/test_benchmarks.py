@@ -198,3 +198,23 @@ def suite_regularization(model):
     from pyro_nf.transforms import collect_regularization
 
     return collect_regularization(model.module)
+
+
+@pytest.mark.slow
+def test_a_cnf_trained_by_flow_matching_fits_the_rings():
+    # The suite's model at its budget, seed 0 (about 90 CPU s). The bar is the best
+    # peer's score on the rings (Pyro's spline autoregressive flow, 3.079); the CNF by
+    # likelihood is at 3.343. By flow matching the CNF scored 2.818 at the default
+    # learning rate and 2.952 / 3.011 at three times more and less (docs), so the bar
+    # holds across that range and fails for the likelihood CNF.
+    suite = load_density_suite()
+    torch.manual_seed(0)
+    rows = suite.run_toy(
+        "rings",
+        {"pyro-nf cnf (flow matching)": suite.MODELS["pyro-nf cnf (flow matching)"]},
+        suite.Budget(),
+        None,
+        0,
+        seed=0,
+    )
+    assert rows[0]["nll"] < 3.079, rows
