@@ -229,9 +229,10 @@ def gaussian_data(num_points, generator):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fit_by_flow_matching_learns_a_gaussian(seed):
-    # Bars (over 4 seeds this setting gave NLL gaps 0.03 to 0.08, mean errors up to 0.18
-    # sd and log sd ratios within 0.11): a 2.5 to 3 times margin. A path or time in the
-    # wrong direction puts the mean at -loc or the scale far off, and fails by far.
+    # Bars: with fit's flow-matching schedule (cosine decay), this test's code at seeds
+    # 0-7 gave NLL gaps 0.025 to 0.052, mean errors up to 0.066 sd and log sd ratios up
+    # to 0.098, so the bars leave a 3 to 5 times margin. A path or time in the wrong direction puts the mean at -loc or the scale
+    # far off, and fails by far.
     generator = torch.Generator().manual_seed(10 + seed)
     data, truth = gaussian_data(2000, generator)
     test, _ = gaussian_data(2000, generator)
@@ -291,7 +292,9 @@ def test_fit_by_flow_matching_trains_a_conditional_flow():
     assert history.train_flow_matching_loss[-1] < history.train_flow_matching_loss[0]
     with torch.no_grad():
         after = float(flow.log_prob(data, context).mean())
-    assert after > before + 0.5  # the initial flow is N(0, I) for every context
+    # The initial flow is N(0, I) for every context; seeds 6-9 of this setting gained
+    # 1.13 to 1.26 nats per point, so 0.5 is a margin of more than two.
+    assert after > before + 0.5
 
 
 def test_fit_takes_each_objectives_defaults(monkeypatch):

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pyro_nf._validation import check_context
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import prepare_batch
 from pyro_nf.transforms.base import broadcast_context
@@ -125,13 +126,11 @@ def flow_matching_loss(
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != flow.dim:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"expected x of shape (..., {flow.dim}), got {shape}")
-    flow._check_context(context)
+    check_context("Flow", context, flow.context_dim)
     x, context = broadcast_context(x, context)
     batch_shape = x.shape[:-1]
     if base_sample is None:
-        base = flow.base_distribution(batch_shape)
-        with torch.no_grad():
-            base_sample = base.sample()
+        base_sample = flow.base_distribution(batch_shape).sample()  # no gradient
     elif base_sample.shape != x.shape:
         raise ValueError(
             f"base_sample must have the shape of x, {tuple(x.shape)}, got {tuple(base_sample.shape)}"

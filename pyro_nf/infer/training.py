@@ -57,6 +57,7 @@ __all__ = [
     "ObjectiveDefaults",
     "batch_log_likelihood",
     "batch_loss",
+    "check_objective",
     "compiled_batch_loss",
     "fit",
     "gradients_finite",
@@ -602,8 +603,7 @@ def fit(
         raise ValueError(f"expected data of shape (N, {flow.dim}), got {type(data).__name__}")
     if not isinstance(validation_fraction, int | float) or not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-    if objective not in FIT_OBJECTIVES:
-        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
+    flow_matching = check_objective(flow, objective)
     defaults = FIT_DEFAULTS[objective]
     if epochs is not None:
         epochs = integer("epochs", epochs)
@@ -617,11 +617,8 @@ def fit(
         lr = positive_number("lr", defaults.lr if lr is None else lr)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
-    flow_matching = objective == "flow_matching"
-    if flow_matching:
-        flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
-        if compile is not False:
-            raise ValueError("compile applies to the likelihood objective, not to flow matching")
+    if flow_matching and compile is not False:
+        raise ValueError("compile applies to the likelihood objective, not to flow matching")
     train_batches, validation_batches, validation_index = _loaders(
         flow, data, context, validation_data, validation_fraction, batch_size, seed, num_workers
     )
@@ -695,6 +692,26 @@ def fit(
     else:
         history.best_epoch = history.epochs_run - 1
     return history
+
+
+def check_objective(flow: Flow, objective: str) -> bool:
+    """Check a training objective for ``flow``; True for flow matching.
+
+    Raises:
+        ValueError: ``objective`` is not one of :data:`FIT_OBJECTIVES`, or it is
+            ``"flow_matching"`` and the flow is not one ODE block
+            (:func:`~pyro_nf.infer.flow_matching.flow_matching_block`).
+
+    Example:
+        >>> check_objective(pyro_nf.cnf(2, hidden_dims=(8,)), "flow_matching")
+        True
+    """
+    if objective not in FIT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
+    if objective == "flow_matching":
+        flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
+        return True
+    return False
 
 
 def _train_epoch(

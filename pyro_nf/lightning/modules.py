@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from pyro_nf._validation import positive_number
 from pyro_nf.flows import Flow
 from pyro_nf.infer.data import prepare_batch
-from pyro_nf.infer.flow_matching import flow_matching_batch_loss, flow_matching_block
+from pyro_nf.infer.flow_matching import flow_matching_batch_loss
 from pyro_nf.infer.training import (
-    FIT_OBJECTIVES,
     LastGoodParameters,
     batch_log_likelihood,
     batch_loss,
+    check_objective,
     optimization_step,
 )
 
@@ -167,10 +167,7 @@ class FlowDensityModule(_GuardedTraining):
     ) -> None:
         if not isinstance(flow, Flow):
             raise TypeError(f"flow must be a pyro_nf.Flow, got {type(flow).__name__}")
-        if objective not in FIT_OBJECTIVES:
-            raise ValueError(f"objective must be one of {FIT_OBJECTIVES}, got {objective!r}")
-        if objective == "flow_matching":
-            flow_matching_block(flow)  # a flow of one ODE block, or a ValueError that says so
+        check_objective(flow, objective)
         super().__init__(lr, optimizer)
         self.flow = flow
         self.objective = objective
