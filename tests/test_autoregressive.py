@@ -1,16 +1,19 @@
 """Autoregressive flows: MADE masks, triangular Jacobians, the sequential passes, the
 cache in the variational pattern, 1-D flows, builders and a density-estimation fit."""
 
+from collections.abc import Callable
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
+from torch import nn
 
 import pyro_nf
 from pyro_nf.datasets import train_test_split, two_moons
-from pyro_nf.nn import MADE, autoregressive_order
+from pyro_nf.nn import MADE, MLP, autoregressive_order
 from pyro_nf.testing import perturb_parameters
 from pyro_nf.transforms import InverseAutoregressive, MaskedAutoregressive, Permutation
 
@@ -134,19 +137,34 @@ def test_made_final_multiplier_keeps_the_network_a_seed_builds(hidden_dims):
     assert "final_multiplier=0.125" in repr(scaled) and "final_multiplier" not in repr(plain)
 
 
-def test_made_final_multiplier_scales_an_adam_step():
+def _made_and_applied_final_weight(multiplier: float) -> tuple[nn.Module, Callable]:
+    made = MADE(3, 2, (16,), final_multiplier=multiplier).double()
+    return made, lambda: made.output.masked_weight
+
+
+def _mlp_and_applied_final_weight(multiplier: float) -> tuple[nn.Module, Callable]:
+    mlp = MLP(3, 4, (16,), final_multiplier=multiplier).double()
+    final = mlp.network[-1]
+    return mlp, lambda: final.weight * final.weight_multiplier
+
+
+@pytest.mark.parametrize(
+    "build", [_made_and_applied_final_weight, _mlp_and_applied_final_weight], ids=["made", "mlp"]
+)
+def test_final_multiplier_scales_an_adam_step(build):
     """Adam moves each stored weight by about lr whatever the gradient's scale, so the
-    weight the layer applies moves ``final_multiplier`` times as far as without it."""
+    weight the final layer applies (of a MADE, or of the MLP of a coupling layer) moves
+    ``final_multiplier`` times as far as without it."""
     u = torch.randn(64, 3, dtype=torch.float64)
 
     def step_of_applied_weight(multiplier: float) -> torch.Tensor:
         torch.manual_seed(1)
-        made = MADE(3, 2, (16,), final_multiplier=multiplier).double()
-        before = made.output.masked_weight.detach().clone()
-        optimizer = torch.optim.Adam(made.parameters(), lr=1e-2, eps=1e-30)
-        made(u).sin().sum().backward()
+        network, applied_weight = build(multiplier)
+        before = applied_weight().detach().clone()
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-2, eps=1e-30)
+        network(u).sin().sum().backward()
         optimizer.step()
-        return made.output.masked_weight.detach() - before
+        return applied_weight().detach() - before
 
     plain, scaled = step_of_applied_weight(1.0), step_of_applied_weight(0.125)
     # Adam's first step is about lr = 1e-2 per entry; a tenth of that says it moved them.
@@ -156,18 +174,33 @@ def test_made_final_multiplier_scales_an_adam_step():
     assert torch.allclose(scaled, plain * 0.125, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("network", [MADE, MLP])
 @pytest.mark.parametrize("multiplier", [0.0, -1.0, float("inf"), float("nan")])
-def test_made_final_multiplier_must_be_positive(multiplier):
+def test_final_multiplier_must_be_positive(network, multiplier):
     with pytest.raises(ValueError, match="final_multiplier must be a positive number"):
-        MADE(3, 2, final_multiplier=multiplier)
+        network(3, 2, final_multiplier=multiplier)
 
 
-def test_final_multiplier_state_dict_round_trip():
+@pytest.mark.parametrize("hidden_dims", [(8, 8), ()], ids=["hidden", "no-hidden"])
+def test_mlp_final_multiplier_keeps_the_network_a_seed_builds(hidden_dims):
+    """As for MADE: the same seed builds the same MLP map, to the bit for 1/8."""
+    torch.manual_seed(0)
+    plain = MLP(3, 4, hidden_dims, context_dim=2).double()
+    torch.manual_seed(0)
+    scaled = MLP(3, 4, hidden_dims, context_dim=2, final_multiplier=0.125).double()
+    u, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(scaled.network[-1].weight, plain.network[-1].weight * 8)
+    assert torch.equal(scaled(u, c), plain(u, c))
+    assert "weight_multiplier=0.125" in repr(scaled) and "multiplier" not in repr(plain)
+
+
+@pytest.mark.parametrize("builder", [pyro_nf.maf, pyro_nf.realnvp])
+def test_final_multiplier_state_dict_round_trip(builder):
     """A flow built with the multiplier saves and reloads into the same construction."""
     x = torch.randn(6, 3)
-    source = pyro_nf.maf(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
+    source = builder(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
     perturb_parameters(source, scale=0.1)
-    target = pyro_nf.maf(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
+    target = builder(3, num_layers=2, hidden_dims=(8,), final_multiplier=0.125)
     target.load_state_dict(source.state_dict())
     assert torch.equal(target.log_prob(x), source.log_prob(x))
 

@@ -27,6 +27,7 @@ from pyro_nf.infer.autoguide import (
     guide_flow_defaults,
     guide_training_defaults,
     interleaved_coupling_functions,
+    paired_coupling_functions,
 )
 from pyro_nf.infer.guide_training import MAX_REFUSED_UPDATES
 from pyro_nf.infer.targets import twisted_gaussian
@@ -297,13 +298,17 @@ def _coupling_function_names(guide: AutoFlow) -> list[str]:
         ("iaf", {"coupling_kwargs": {"log_scale_bound": 2.0}}, ["Affine"] * 5),
         ("maf", {}, ["Affine", "RationalQuadraticSpline"] * 2 + ["Affine"]),
         ("maf", {"coupling_function": "affine"}, ["Affine"] * 5),
-        ("realnvp", {}, ["Affine"] * 4),
+        ("realnvp", {}, ["RationalQuadraticSpline"] * 2 + ["Affine"] * 2),
+        ("realnvp", {"num_layers": 6}, ["RationalQuadraticSpline"] * 2 + ["Affine"] * 4),
+        ("realnvp", {"num_layers": 3}, ["Affine"] * 3),
+        ("realnvp", {"coupling_function": "affine"}, ["Affine"] * 4),
     ],
 )
 def test_coupling_function_default_per_family(flow, options, expected):
     """iaf and maf guides interleave spline layers with affine ones (affine first and
-    last) for any number of layers; a coupling argument of the user's replaces the
-    pattern; realnvp guides keep affine couplings."""
+    last) for any number of layers; realnvp guides give their first pair of layers
+    (one per half of the coordinates) splines and the rest affine couplings, from four
+    layers up; a coupling argument of the user's replaces the pattern."""
     pyro.clear_param_store()
     guide = AutoFlow(correlated_gaussian_model, flow=flow, hidden_dims=(8,), **options)
     guide()
@@ -335,7 +340,8 @@ def test_spline_layers_only_up_to_their_dimension(flow):
 def test_small_autoregressive_guides_get_the_final_multiplier(family):
     """iaf and maf guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build their MADEs with
     ``GUIDE_SMALL_FINAL_MULTIPLIER``, whatever their coupling functions; above the cut,
-    and where the user gives ``final_multiplier``, the builder's 1 or the user's value."""
+    and where the user gives ``final_multiplier``, the builder's 1 or the user's value;
+    cnf guides have no such conditioner."""
     assert GUIDE_SMALL_FINAL_MULTIPLIER < 1
     small = guide_flow_defaults(family, GUIDE_SMALL_MAX_DIM, {"coupling_function": "affine"})
     assert small == {"final_multiplier": GUIDE_SMALL_FINAL_MULTIPLIER}
@@ -344,7 +350,7 @@ def test_small_autoregressive_guides_get_the_final_multiplier(family):
         guide_flow_defaults(family, 2, {"final_multiplier": 1.0, "coupling_function": "affine"})
         == {}
     )
-    assert "final_multiplier" not in guide_flow_defaults("realnvp", 2)
+    assert "final_multiplier" not in guide_flow_defaults("cnf", 2)
 
     def multipliers(dim: int, **options) -> set[float]:
         def model() -> None:
@@ -364,6 +370,46 @@ def test_small_autoregressive_guides_get_the_final_multiplier(family):
     assert multipliers(GUIDE_SMALL_MAX_DIM + 1) == {1.0}
 
 
+def test_small_realnvp_guides_get_the_final_multiplier_in_their_spline_layers():
+    """realnvp guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build the MLPs of their
+    spline couplings with ``GUIDE_SMALL_FINAL_MULTIPLIER`` and those of their affine
+    couplings without it, for the default stack and for the user's coupling functions;
+    a stack with no spline, a larger guide and the user's ``final_multiplier`` get none
+    (the builder's 1 or the user's value)."""
+    m = GUIDE_SMALL_FINAL_MULTIPLIER
+    assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM)["final_multiplier"] == [m, m, 1, 1]
+    spline_first = {"coupling_function": ["spline", "affine", "affine"], "num_layers": 3}
+    assert guide_flow_defaults("realnvp", 2, spline_first) == {"final_multiplier": [m, 1, 1]}
+    assert guide_flow_defaults("realnvp", 2, {"coupling_function": "affine"}) == {}
+    assert guide_flow_defaults("realnvp", 2, {"num_layers": 3}) == {
+        "coupling_function": ["affine"] * 3
+    }
+    assert guide_flow_defaults("realnvp", 2, {"final_multiplier": 1.0})["coupling_function"]
+    assert "final_multiplier" not in guide_flow_defaults("realnvp", 2, {"final_multiplier": 1})
+
+    def multipliers(dim: int, **options) -> list[tuple[str, float]]:
+        def model() -> None:
+            pyro.sample("x", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
+
+        pyro.clear_param_store()
+        guide = AutoFlow(model, flow="realnvp", hidden_dims=(8,), **options)
+        guide()
+        return [
+            (
+                type(layer.coupling_function).__name__,
+                layer.conditioner.network[-1].weight_multiplier,
+            )
+            for layer in guide.flow.layers
+            if hasattr(layer, "conditioner")
+        ]
+
+    spline, affine = "RationalQuadraticSpline", "Affine"
+    assert multipliers(2) == [(spline, m), (spline, m), (affine, 1.0), (affine, 1.0)]
+    assert multipliers(3, coupling_function="spline", num_layers=2) == [(spline, m)] * 2
+    assert multipliers(2, final_multiplier=0.5) == [(spline, 0.5)] * 2 + [(affine, 0.5)] * 2
+    assert {value for _, value in multipliers(GUIDE_SMALL_MAX_DIM + 1)} == {1.0}
+
+
 def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():
     """realnvp guides above ``GUIDE_SMALL_MAX_DIM`` latents get
     ``GUIDE_REALNVP_LARGE_LAYERS`` coupling layers with ``GUIDE_REALNVP_LARGE_PERMUTATION``
@@ -377,7 +423,9 @@ def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():
         "permutation": GUIDE_REALNVP_LARGE_PERMUTATION,
     }
     assert guide_flow_defaults("realnvp", large, {"num_layers": 3, "permutation": None}) == {}
-    assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM) == {}
+    assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM)["coupling_function"] == (
+        paired_coupling_functions(4)
+    )
     # An LU layer holds D^2 parameters: above the cap, glue-less couplings.
     assert guide_flow_defaults("realnvp", GUIDE_REALNVP_LU_MAX_DIM) == {
         "num_layers": GUIDE_REALNVP_LARGE_LAYERS,

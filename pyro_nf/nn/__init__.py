@@ -10,7 +10,7 @@ Example:
 
 from pyro_nf.nn.dynamics import ConcatSquashLinear, ODEDynamics
 from pyro_nf.nn.made import MADE, AutoregressiveSteps, MaskedLinear, autoregressive_order
-from pyro_nf.nn.mlp import MLP, activation_module
+from pyro_nf.nn.mlp import MLP, ScaledLinear, activation_module
 from pyro_nf.nn.neural_ode import NeuralODE, SolveStatistics
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "MaskedLinear",
     "NeuralODE",
     "ODEDynamics",
+    "ScaledLinear",
     "SolveStatistics",
     "activation_module",
     "autoregressive_order",

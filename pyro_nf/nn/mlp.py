@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyro_nf._validation import concat_context, integer, layer_sizes
+from pyro_nf._validation import concat_context, integer, layer_sizes, positive_number
 
-__all__ = ["MLP", "activate_fresh", "activation_module"]
+__all__ = ["MLP", "ScaledLinear", "activate_fresh", "activation_module"]
 
 
 def activation_module(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -47,6 +48,39 @@ def activate_fresh(activation: nn.Module, pre_activation: Tensor) -> Tensor:
     return activation(pre_activation)
 
 
+class ScaledLinear(nn.Linear):
+    r"""A linear layer whose map uses the weight :math:`m W` for a constant :math:`m`.
+
+    ``weight_multiplier`` is :math:`m` (1 by default: :class:`torch.nn.Linear`). The
+    map is that of the weight :math:`m W`, but an optimizer whose step is about its
+    learning rate per entry whatever the gradient's scale (Adam) moves the map
+    :math:`m` times as far per step: a learning rate for this layer's weights alone,
+    carried by the module (the bias is not scaled). Shapes as :class:`torch.nn.Linear`:
+    ``(..., in_features) -> (..., out_features)``.
+
+    Example:
+        >>> layer = ScaledLinear(3, 2, weight_multiplier=0.5)
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(layer(x), x @ (0.5 * layer.weight).T + layer.bias)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight_multiplier: float = 1.0):
+        super().__init__(in_features, out_features)
+        self.weight_multiplier = positive_number("weight_multiplier", weight_multiplier)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.weight_multiplier == 1.0:
+            return F.linear(inputs, self.weight, self.bias)
+        return F.linear(inputs, self.weight * self.weight_multiplier, self.bias)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.weight_multiplier != 1.0:
+            text += f", weight_multiplier={self.weight_multiplier:g}"
+        return text
+
+
 class MLP(nn.Module):
     """A multilayer perceptron ``g(u[, c])`` used as the conditioner of a coupling layer.
 
@@ -55,7 +89,10 @@ class MLP(nn.Module):
     ``(..., out_features)``. The last layer starts with weights scaled by
     ``final_init_scale`` and a zero bias, so the network's output starts close to zero
     and a coupling layer built on it starts close to the identity, while every
-    parameter still receives a gradient.
+    parameter still receives a gradient. ``final_multiplier`` :math:`m` (1 by default)
+    makes the last layer a :class:`ScaledLinear`: its map uses the weight :math:`m W`,
+    stored divided by :math:`m` (the same network at a seed), so an Adam step moves the
+    output :math:`m` times as far (as :class:`~pyro_nf.nn.MADE`'s ``final_multiplier``).
 
     Example:
         >>> net = MLP(3, 8, hidden_dims=(16, 16), context_dim=2)
@@ -71,6 +108,7 @@ class MLP(nn.Module):
         context_dim: int = 0,
         activation: str | Callable[[], nn.Module] = "relu",
         final_init_scale: float = 1e-2,
+        final_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         in_features = integer("in_features", in_features, minimum=0)
@@ -89,14 +127,14 @@ class MLP(nn.Module):
         make_activation = activation_module(activation)
         sizes = [in_features + context_dim, *hidden_dims, out_features]
         layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(n_in, n_out))
-            if i < len(sizes) - 2:
-                layers.append(make_activation())
+        final_multiplier = positive_number("final_multiplier", final_multiplier)
+        for n_in, n_out in zip(sizes[:-2], sizes[1:-1], strict=True):
+            layers += [nn.Linear(n_in, n_out), make_activation()]
+        final = ScaledLinear(sizes[-2], sizes[-1], final_multiplier)
+        layers.append(final)
         self.network = nn.Sequential(*layers)
-        final = layers[-1]
         with torch.no_grad():
-            final.weight.mul_(final_init_scale)
+            final.weight.mul_(final_init_scale / final_multiplier)
             final.bias.zero_()
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:

@@ -49,6 +49,10 @@ class Coupling(FlowTransform):
         conditioner: ``g``; by default an :class:`~pyro_nf.nn.MLP` with ``hidden_dims``.
         hidden_dims: hidden sizes of the default conditioner.
         context_dim: size of the optional context vector (0: unconditional).
+        activation: the default conditioner's activation.
+        final_multiplier: the default conditioner's final weights are multiplied by it
+            in the forward pass and start divided by it, so an Adam step moves the
+            layer's output that many times as far (:class:`~pyro_nf.nn.MLP`).
 
     References:
         Density estimation using Real NVP (Dinh et al., 2017), arXiv:1605.08803.
@@ -69,6 +73,7 @@ class Coupling(FlowTransform):
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int = 0,
         activation: str = "relu",
+        final_multiplier: float = 1.0,
     ) -> None:
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.dim() != 1:
@@ -91,7 +96,12 @@ class Coupling(FlowTransform):
         self._contiguous_split = _split_layout(mask)
         num_out = (dim - identity_size) * self.coupling_function.num_params
         self.conditioner = conditioner or MLP(
-            identity_size, num_out, hidden_dims, context_dim=context_dim, activation=activation
+            identity_size,
+            num_out,
+            hidden_dims,
+            context_dim=context_dim,
+            activation=activation,
+            final_multiplier=final_multiplier,
         )
 
     def _split(self, value: Tensor) -> tuple[Tensor, Tensor]:
