@@ -49,7 +49,6 @@ __all__ = [
     "flow_builder",
     "iaf",
     "layer_coupling_functions",
-    "layer_values",
     "maf",
     "realnvp",
     "permutation_layer",
@@ -416,27 +415,6 @@ def layer_coupling_functions(
     return [make_coupling_function(entry) for entry in entries]
 
 
-def layer_values(name: str, value: float | Sequence[float], num_layers: int) -> list[float]:
-    """One number per layer from a builder argument: a number for every layer, or a list.
-
-    Raises:
-        ValueError: a list whose length is not ``num_layers``.
-
-    Example:
-        >>> layer_values("final_multiplier", 0.5, 3), layer_values("m", [1, 2], 2)
-        ([0.5, 0.5, 0.5], [1, 2])
-    """
-    if isinstance(value, int | float):
-        return [value] * num_layers
-    entries = list(value)
-    if len(entries) != num_layers:
-        raise ValueError(
-            f"{name} has {len(entries)} entries but the flow has num_layers={num_layers}; "
-            "give one per layer, or one number for all"
-        )
-    return entries
-
-
 def _check_base(base: object) -> None:
     """A ``ValueError`` naming :data:`FLOW_BASES` unless ``base`` is one of them."""
     if base not in FLOW_BASES:
@@ -484,7 +462,7 @@ def realnvp(
     seed: int = 0,
     *,
     coupling: str | CouplingFunction | None = None,
-    final_multiplier: float | Sequence[float] = 1.0,
+    final_multiplier: float = 1.0,
     base: str = "normal",
 ) -> Flow:
     """A coupling flow (real NVP; NICE with ``coupling_function="additive"``; spline coupling).
@@ -512,11 +490,10 @@ def realnvp(
         seed: seed of random permutations.
         coupling: the older spelling of ``coupling_function``, kept as an alias.
         final_multiplier: the constant each conditioner's final layer multiplies its
-            weights by (1: none), or a list of one per layer. It does not change the
-            flow a seed builds, only how far an Adam step moves it
-            (:class:`~pyro_nf.nn.MLP`); ``AutoFlow`` passes
-            :data:`~pyro_nf.infer.autoguide.GUIDE_SMALL_FINAL_MULTIPLIER` for the spline
-            layers of guides of up to 16 latents.
+            weights by (1: none). It does not change the flow a seed builds, only how
+            far an Adam step moves it (:class:`~pyro_nf.nn.MLP`); ``AutoFlow`` passes
+            :data:`~pyro_nf.infer.autoguide.GUIDE_SMALL_FINAL_MULTIPLIER` for guides of
+            up to 16 latents.
         base: the base distribution, ``"normal"`` or ``"student_t"`` (learned degrees
             of freedom, for heavy-tailed data; see :class:`Flow`).
 
@@ -538,9 +515,8 @@ def realnvp(
             "use an autoregressive flow (maf/iaf) or a continuous flow (cnf) in one dimension"
         )
     functions = layer_coupling_functions(coupling_function, coupling_kwargs, num_layers)
-    multipliers = layer_values("final_multiplier", final_multiplier, num_layers)
     layers: list[Transform] = []
-    for i, (function, multiplier) in enumerate(zip(functions, multipliers, strict=True)):
+    for i, function in enumerate(functions):
         if actnorm:
             layers.append(ActNorm(dim))
         # Consecutive layers swap the halves. A reverse glue layer swaps them itself
@@ -555,7 +531,7 @@ def realnvp(
                 hidden_dims=hidden_dims,
                 context_dim=context_dim,
                 activation=activation,
-                final_multiplier=multiplier,
+                final_multiplier=final_multiplier,
             )
         )
         glue = permutation_layer(permutation, dim, seed + i) if i < num_layers - 1 else None

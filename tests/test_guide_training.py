@@ -336,12 +336,12 @@ def test_spline_layers_only_up_to_their_dimension(flow):
     assert _coupling_function_names(guide) == ["Affine"] * 5
 
 
-@pytest.mark.parametrize("family", ["iaf", "maf"])
-def test_small_autoregressive_guides_get_the_final_multiplier(family):
-    """iaf and maf guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build their MADEs with
-    ``GUIDE_SMALL_FINAL_MULTIPLIER``, whatever their coupling functions; above the cut,
-    and where the user gives ``final_multiplier``, the builder's 1 or the user's value;
-    cnf guides have no such conditioner."""
+@pytest.mark.parametrize("family", ["iaf", "maf", "realnvp"])
+def test_small_guides_get_the_final_multiplier(family):
+    """iaf, maf and realnvp guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build their
+    conditioners (MADEs, MLPs) with ``GUIDE_SMALL_FINAL_MULTIPLIER``, whatever their
+    coupling functions; above the cut, and where the user gives ``final_multiplier``,
+    the builder's 1 or the user's value; cnf guides have no such conditioner."""
     assert GUIDE_SMALL_FINAL_MULTIPLIER < 1
     small = guide_flow_defaults(family, GUIDE_SMALL_MAX_DIM, {"coupling_function": "affine"})
     assert small == {"final_multiplier": GUIDE_SMALL_FINAL_MULTIPLIER}
@@ -359,55 +359,18 @@ def test_small_autoregressive_guides_get_the_final_multiplier(family):
         pyro.clear_param_store()
         guide = AutoFlow(model, flow=family, hidden_dims=(8,), **options)
         guide()
-        return {
-            layer.conditioner.output.weight_multiplier
+        finals = [
+            layer.conditioner.output
+            if hasattr(layer.conditioner, "output")
+            else layer.conditioner.network[-1]
             for layer in guide.flow.layers
             if hasattr(layer, "conditioner")
-        }
+        ]
+        return {final.weight_multiplier for final in finals}
 
     assert multipliers(2) == {GUIDE_SMALL_FINAL_MULTIPLIER}
     assert multipliers(2, final_multiplier=0.5) == {0.5}
     assert multipliers(GUIDE_SMALL_MAX_DIM + 1) == {1.0}
-
-
-def test_small_realnvp_guides_get_the_final_multiplier_in_their_spline_layers():
-    """realnvp guides of up to ``GUIDE_SMALL_MAX_DIM`` latents build the MLPs of their
-    spline couplings with ``GUIDE_SMALL_FINAL_MULTIPLIER`` and those of their affine
-    couplings without it, for the default stack and for the user's coupling functions;
-    a stack with no spline, a larger guide and the user's ``final_multiplier`` get none
-    (the builder's 1 or the user's value)."""
-    m = GUIDE_SMALL_FINAL_MULTIPLIER
-    assert guide_flow_defaults("realnvp", GUIDE_SMALL_MAX_DIM)["final_multiplier"] == [m, m, 1, 1]
-    spline_first = {"coupling_function": ["spline", "affine", "affine"], "num_layers": 3}
-    assert guide_flow_defaults("realnvp", 2, spline_first) == {"final_multiplier": [m, 1, 1]}
-    assert guide_flow_defaults("realnvp", 2, {"coupling_function": "affine"}) == {}
-    assert guide_flow_defaults("realnvp", 2, {"num_layers": 3}) == {
-        "coupling_function": ["affine"] * 3
-    }
-    assert guide_flow_defaults("realnvp", 2, {"final_multiplier": 1.0})["coupling_function"]
-    assert "final_multiplier" not in guide_flow_defaults("realnvp", 2, {"final_multiplier": 1})
-
-    def multipliers(dim: int, **options) -> list[tuple[str, float]]:
-        def model() -> None:
-            pyro.sample("x", dist.Normal(torch.zeros(dim), 1.0).to_event(1))
-
-        pyro.clear_param_store()
-        guide = AutoFlow(model, flow="realnvp", hidden_dims=(8,), **options)
-        guide()
-        return [
-            (
-                type(layer.coupling_function).__name__,
-                layer.conditioner.network[-1].weight_multiplier,
-            )
-            for layer in guide.flow.layers
-            if hasattr(layer, "conditioner")
-        ]
-
-    spline, affine = "RationalQuadraticSpline", "Affine"
-    assert multipliers(2) == [(spline, m), (spline, m), (affine, 1.0), (affine, 1.0)]
-    assert multipliers(3, coupling_function="spline", num_layers=2) == [(spline, m)] * 2
-    assert multipliers(2, final_multiplier=0.5) == [(spline, 0.5)] * 2 + [(affine, 0.5)] * 2
-    assert {value for _, value in multipliers(GUIDE_SMALL_MAX_DIM + 1)} == {1.0}
 
 
 def test_realnvp_guides_above_the_small_size_get_more_layers_and_lu_glue():

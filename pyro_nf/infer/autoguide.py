@@ -42,15 +42,8 @@ from torch.distributions import Transform, biject_to
 from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
-from pyro_nf.flows import (
-    FLOW_BUILDERS,
-    FLOW_STUDENT_T_INIT_DF,
-    Flow,
-    flow_builder,
-    layer_coupling_functions,
-)
+from pyro_nf.flows import FLOW_BUILDERS, FLOW_STUDENT_T_INIT_DF, Flow, flow_builder
 from pyro_nf.transforms.base import FlowTransform
-from pyro_nf.transforms.coupling_functions import RationalQuadraticSpline
 
 __all__ = [
     "FLOW_FAMILIES",
@@ -69,7 +62,6 @@ __all__ = [
     "GUIDE_REALNVP_LU_MAX_DIM",
     "GUIDE_REALNVP_NO_GLUE_LAYERS",
     "GUIDE_SPLINE_INTERLEAVED",
-    "GUIDE_SPLINE_LAYER_MULTIPLIER",
     "GUIDE_SPLINE_STACKS",
     "GUIDE_SMALL_FINAL_MULTIPLIER",
     "GUIDE_FINAL_MULTIPLIER_FAMILIES",
@@ -133,19 +125,13 @@ GUIDE_SPLINE_INTERLEAVED: tuple[str, ...] = ("iaf", "maf")
 GUIDE_SMALL_FINAL_MULTIPLIER = 0.125
 
 #: The named flow families whose guides of up to :data:`GUIDE_SMALL_MAX_DIM` latents
-#: build their conditioners (MADEs; real NVP's MLPs) with
-#: :data:`GUIDE_SMALL_FINAL_MULTIPLIER`: in every layer, or, for the families of
-#: :data:`GUIDE_SPLINE_LAYER_MULTIPLIER`, in the spline layers only.
+#: build every conditioner (MADEs; real NVP's MLPs) with
+#: :data:`GUIDE_SMALL_FINAL_MULTIPLIER`. For real NVP it counts together with the spline
+#: layers of :func:`paired_coupling_functions`: with affine couplings alone it moved
+#: the bimodal target's mean KL over 24 cells from 0.548 to 0.434, with spline layers
+#: in the first pair but no multiplier it was 0.419 over 12 cells (both behind Pyro's
+#: spline guide's 0.262), with both 0.230 (``docs/benchmarks/posteriors.md``).
 GUIDE_FINAL_MULTIPLIER_FAMILIES: tuple[str, ...] = ("iaf", "maf", "realnvp")
-
-#: The named flow families whose small guides get :data:`GUIDE_SMALL_FINAL_MULTIPLIER`
-#: in their spline layers only (a per-layer ``final_multiplier``). For real NVP on the
-#: posterior suite (``docs/benchmarks/posteriors.md``): in all four layers of
-#: :func:`paired_coupling_functions` it gave the bimodal target's 24 cells a mean KL of
-#: 0.230 and cost the funnel 0.07 to 0.10 nats of KL (seeds 0 and 1); in the spline
-#: layers only 0.231, with the funnel level with the affine stack's; with affine
-#: couplings alone it left the bimodal mean at 0.43.
-GUIDE_SPLINE_LAYER_MULTIPLIER: tuple[str, ...] = ("realnvp",)
 
 #: The largest latent dimension that gets the small-latent guide defaults; above it the
 #: defaults change (:func:`guide_flow_defaults`, :func:`guide_training_defaults`):
@@ -365,7 +351,6 @@ def guide_flow_defaults(
       (``coupling_function`` or ``coupling_kwargs``). Above it, affine layers only (the
       builder's default). Up to the same size the conditioners of
       :data:`GUIDE_FINAL_MULTIPLIER_FAMILIES` get :data:`GUIDE_SMALL_FINAL_MULTIPLIER`
-      (realnvp's in its spline layers only, :data:`GUIDE_SPLINE_LAYER_MULTIPLIER`)
       unless the user gives ``final_multiplier``.
     - ``"cnf"``: dynamics that scale the state (``state_scale=True``: fields
       :math:`s \odot z + m`, which on the funnel put the guide ahead of Pyro's best guide
@@ -398,8 +383,8 @@ def guide_flow_defaults(
         {'final_multiplier': 0.125}
         >>> guide_flow_defaults("iaf", 100)
         {}
-        >>> guide_flow_defaults("realnvp", 2)["final_multiplier"]
-        [0.125, 0.125, 1.0, 1.0]
+        >>> guide_flow_defaults("realnvp", 2)
+        {'coupling_function': ['spline', 'spline', 'affine', 'affine'], 'final_multiplier': 0.125}
         >>> guide_flow_defaults("realnvp", 100)
         {'num_layers': 8, 'permutation': 'lu'}
         >>> guide_flow_defaults("realnvp", 1000)
@@ -440,33 +425,8 @@ def guide_flow_defaults(
         if isinstance(num_layers, int) and num_layers >= 1:  # else the builder's error
             defaults["coupling_function"] = stack(num_layers)
     if small and family in GUIDE_FINAL_MULTIPLIER_FAMILIES and "final_multiplier" not in options:
-        if family in GUIDE_SPLINE_LAYER_MULTIPLIER:
-            multipliers = _spline_layer_multipliers(family, {**options, **defaults})
-            if multipliers is not None:
-                defaults["final_multiplier"] = multipliers
-        else:
-            defaults["final_multiplier"] = GUIDE_SMALL_FINAL_MULTIPLIER
+        defaults["final_multiplier"] = GUIDE_SMALL_FINAL_MULTIPLIER
     return defaults
-
-
-def _spline_layer_multipliers(family: str, arguments: Mapping[str, Any]) -> list[float] | None:
-    """:data:`GUIDE_SMALL_FINAL_MULTIPLIER` for the spline layers of the stack the
-    builder arguments give, 1 for the others; ``None`` when no layer is a spline, or
-    when the arguments are the builder's to reject."""
-    parameters = inspect.signature(flow_builder(family)).parameters
-    num_layers = arguments.get("num_layers", parameters["num_layers"].default)
-    spec = arguments.get("coupling_function", arguments.get("coupling"))
-    if spec is None:
-        spec = parameters["coupling_function"].default
-    try:
-        functions = layer_coupling_functions(spec, arguments.get("coupling_kwargs"), num_layers)
-    except (TypeError, ValueError):
-        return None  # the builder raises its own error
-    multipliers = [
-        GUIDE_SMALL_FINAL_MULTIPLIER if isinstance(function, RationalQuadraticSpline) else 1.0
-        for function in functions
-    ]
-    return multipliers if GUIDE_SMALL_FINAL_MULTIPLIER in multipliers else None
 
 
 class AutoFlow(AutoContinuous):
