@@ -153,7 +153,7 @@ def add_guide_arguments(
         "--final-multiplier",
         type=float,
         default=final_multiplier,
-        help="iaf/maf conditioners' final_multiplier (default: "
+        help="iaf/maf/realnvp conditioners' final_multiplier (default: "
         + (
             "AutoFlow's, 1/8 up to 16 latents"
             if final_multiplier is None

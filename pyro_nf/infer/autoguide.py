@@ -127,10 +127,11 @@ GUIDE_SMALL_FINAL_MULTIPLIER = 0.125
 #: The named flow families whose guides of up to :data:`GUIDE_SMALL_MAX_DIM` latents
 #: build every conditioner (MADEs; real NVP's MLPs) with
 #: :data:`GUIDE_SMALL_FINAL_MULTIPLIER`. For real NVP it counts together with the spline
-#: layers of :func:`paired_coupling_functions`: with affine couplings alone it moved
-#: the bimodal target's mean KL over 24 cells from 0.548 to 0.434, with spline layers
-#: in the first pair but no multiplier it was 0.419 over 12 cells (both behind Pyro's
-#: spline guide's 0.262), with both 0.230 (``docs/benchmarks/posteriors.md``).
+#: layers of :func:`paired_coupling_functions`. Mean KL over the bimodal target's twelve
+#: cells of seeds 0 to 2 (four axes of the modes): four affine couplings 0.516, with the
+#: multiplier 0.408, the spline pair without it 0.419, both 0.316 (Pyro's spline guide:
+#: 0.257); in the spline layers alone the multiplier gave 0.440 over 36 cells
+#: (``docs/benchmarks/posteriors.md``).
 GUIDE_FINAL_MULTIPLIER_FAMILIES: tuple[str, ...] = ("iaf", "maf", "realnvp")
 
 #: The largest latent dimension that gets the small-latent guide defaults; above it the
@@ -296,10 +297,10 @@ def paired_coupling_functions(num_layers: int) -> list[str]:
 #: function of the number of layers: :func:`interleaved_coupling_functions` for the
 #: autoregressive families (:data:`GUIDE_SPLINE_INTERLEAVED`; one layer transforms every
 #: coordinate), :func:`paired_coupling_functions` for real NVP (one layer transforms
-#: half of them). On the bimodal target's 24 cells (four axes of the modes, seeds 0 to
-#: 5) real NVP's pairs with :data:`GUIDE_SMALL_FINAL_MULTIPLIER` have mean KL 0.230,
-#: against 0.548 for four affine couplings and Pyro's spline guide's 0.262
-#: (``docs/benchmarks/posteriors.md``).
+#: half of them). On the bimodal target's 36 cells (four axes of the modes, seeds 0 to
+#: 8) real NVP's pairs with :data:`GUIDE_SMALL_FINAL_MULTIPLIER` have mean KL 0.269 and
+#: one mode in 4 cells, against 0.557 and 22 for four affine couplings and Pyro's
+#: spline guide's 0.265 and 4 (``docs/benchmarks/posteriors.md``).
 GUIDE_SPLINE_STACKS: dict[str, Callable[[int], list[str]]] = {
     **dict.fromkeys(GUIDE_SPLINE_INTERLEAVED, interleaved_coupling_functions),
     "realnvp": paired_coupling_functions,
