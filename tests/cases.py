@@ -109,6 +109,13 @@ CASES: dict[str, TransformContract] = {
     "coupling-spline-interleaved-mask": TransformContract(
         _coupling("spline", mask=[True, False, True, False]), DIM
     ),
+    # The conditioners' final multiplier (the small guides' 1/8) in a guide's layers.
+    "coupling-spline-final-multiplier": TransformContract(
+        _coupling("spline", final_multiplier=0.125), DIM
+    ),
+    "iaf-spline-final-multiplier": TransformContract(
+        _autoregressive(InverseAutoregressive, "spline", final_multiplier=0.125), DIM
+    ),
     "coupling-affine-conditional": TransformContract(
         _coupling("affine", CONTEXT_DIM), DIM, CONTEXT_DIM
     ),
