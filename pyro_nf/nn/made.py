@@ -15,7 +15,7 @@ from pyro_nf._validation import (
     layer_sizes,
     positive_number,
 )
-from pyro_nf.nn.mlp import activate_fresh, activation_module
+from pyro_nf.nn.mlp import ScaledLinear, activate_fresh, activation_module
 
 __all__ = ["MADE", "MaskedLinear", "AutoregressiveSteps", "autoregressive_order"]
 
@@ -84,16 +84,14 @@ def _hidden_degrees(width: int, dim: int, lowest: int) -> Tensor:
     return lowest + torch.div(torch.arange(width) * count, width, rounding_mode="floor")
 
 
-class MaskedLinear(nn.Linear):
+class MaskedLinear(ScaledLinear):
     r"""A linear layer whose weight is multiplied by a fixed 0/1 mask: :math:`y = m (W \odot M) u + b`.
 
     The mask is a 0/1 buffer of the weight's dtype (it follows ``.to(device)`` and
     ``.double()``; multiplying by a boolean mask is several times slower), applied once
-    per call, not per sample. ``weight_multiplier`` is the constant :math:`m` (1 by
-    default): the layer's map is that of the weight :math:`m W`, but an optimizer whose
-    step is about its learning rate per entry whatever the gradient's scale (Adam)
-    moves the map :math:`m` times as far per step (see :class:`MADE`'s
-    ``final_multiplier``).
+    per call, not per sample. ``weight_multiplier`` is the constant :math:`m` of
+    :class:`~pyro_nf.nn.ScaledLinear` (1 by default): an Adam step moves the map
+    :math:`m` times as far (see :class:`MADE`'s ``final_multiplier``).
 
     Example:
         >>> layer = MaskedLinear(2, 2, torch.tensor([[True, False], [True, True]]))
@@ -104,13 +102,12 @@ class MaskedLinear(nn.Linear):
     def __init__(
         self, in_features: int, out_features: int, mask: Tensor, weight_multiplier: float = 1.0
     ) -> None:
-        super().__init__(in_features, out_features)
+        super().__init__(in_features, out_features, weight_multiplier)
         if mask.shape != (out_features, in_features):
             raise ValueError(
                 f"expected a mask of shape {(out_features, in_features)}, got {tuple(mask.shape)}"
             )
         self.register_buffer("mask", mask.to(self.weight.dtype))
-        self.weight_multiplier = positive_number("weight_multiplier", weight_multiplier)
 
     @property
     def masked_weight(self) -> Tensor:
