@@ -10,8 +10,8 @@ latents, for D = 2, 10, 100 and 1000, timed side by side, round by round:
   as Pyro's, ``coupling_function="affine"`` with Pyro's (total) gradient (with the
   triangular and the diagonal affine layer), and with the path gradient, the default
   from 17 to 100 latents;
-- ``AutoFlow(flow="realnvp")`` against ``AutoNormalizingFlow`` with
-  ``iterated(L, affine_coupling)`` (D >= 2).
+- ``AutoFlow(flow="realnvp")`` (its default, and its affine couplings alone) against
+  ``AutoNormalizingFlow`` with ``iterated(L, affine_coupling)`` (D >= 2).
 
 Architecture: L = 5 layers; two hidden layers of ``max(64, 2D)`` units (a MADE needs
 hidden layers at least as wide as D - 1 for every output to depend on its
@@ -118,8 +118,19 @@ def guides(dim: int, model: Callable[[], None]) -> dict[str, dict[str, Callable[
         },
         f"realnvp D={dim}": {
             # No glue layer, as Pyro's stack (AutoFlow's LU default above 16 latents).
+            # The default (up to 16 latents a spline pair first and the final
+            # multiplier), then Pyro's architecture (affine couplings only).
             "AutoFlow(realnvp)": lambda: AutoFlow(
                 model, flow="realnvp", num_layers=NUM_LAYERS, hidden_dims=hidden, permutation=None
+            ),
+            "AutoFlow(realnvp, affine)": lambda: _named("AutoFlowAffine")(
+                model,
+                flow="realnvp",
+                num_layers=NUM_LAYERS,
+                hidden_dims=hidden,
+                permutation=None,
+                coupling_function="affine",
+                final_multiplier=1.0,
             ),
             "AutoNormalizingFlow(affine_coupling)": lambda: AutoNormalizingFlow(
                 model, partial(T.iterated, NUM_LAYERS, T.affine_coupling, hidden_dims=hidden)
