@@ -165,6 +165,14 @@ def test_density_estimation_cnf_objective_reaches_fit(tmp_path, monkeypatch):
         ("flow_matching", 2, None),
         ("likelihood", 2, 3e-3),
     ]
+    # The flow-matching field gets three hidden layers, the other families two.
+    assert example.hidden_layers("cnf", args) == 3
+    assert (
+        example.hidden_layers("maf", args)
+        == example.hidden_layers("cnf", example.parse_args([]))
+        == 2
+    )
+    assert example.hidden_layers("cnf", example.parse_args(["--hidden-layers", "4"])) == 4
     options = example.training_options(
         "cnf", example.parse_args(["--cnf-objective", "flow_matching"])
     )
