@@ -229,9 +229,7 @@ class MADE(nn.Module):
             mask = torch.cat([mask, context_columns.expand(len(output_degrees), -1)], dim=-1)
         final_multiplier = positive_number("final_multiplier", final_multiplier)
         self.output = MaskedLinear(mask.shape[1], mask.shape[0], mask, final_multiplier)
-        with torch.no_grad():
-            self.output.weight.mul_(final_init_scale / self.output.weight_multiplier)
-            self.output.bias.zero_()
+        self.output.start_near_zero(final_init_scale)
 
     def _check(self, inputs: Tensor, context: Tensor | None) -> None:
         if inputs.dim() == 0 or inputs.shape[-1] != self.dim:

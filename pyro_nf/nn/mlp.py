@@ -69,6 +69,19 @@ class ScaledLinear(nn.Linear):
         super().__init__(in_features, out_features)
         self.weight_multiplier = positive_number("weight_multiplier", weight_multiplier)
 
+    @torch.no_grad()
+    def start_near_zero(self, scale: float) -> None:
+        """Scale the map of PyTorch's initial weights by ``scale`` and zero the bias.
+
+        The applied weight :math:`m W` becomes ``scale`` times PyTorch's initial one,
+        whatever :math:`m`: the stored :math:`W` is multiplied by ``scale / m``, so a
+        seed builds the same map for every multiplier (to the bit when :math:`m` is a
+        power of two). Conditioners call it on their last layer, so the flow layer
+        they parametrize starts near the identity.
+        """
+        self.weight.mul_(scale / self.weight_multiplier)
+        self.bias.zero_()
+
     def forward(self, inputs: Tensor) -> Tensor:
         if self.weight_multiplier == 1.0:
             return F.linear(inputs, self.weight, self.bias)
@@ -133,9 +146,7 @@ class MLP(nn.Module):
         final = ScaledLinear(sizes[-2], sizes[-1], final_multiplier)
         layers.append(final)
         self.network = nn.Sequential(*layers)
-        with torch.no_grad():
-            final.weight.mul_(final_init_scale / final_multiplier)
-            final.bias.zero_()
+        final.start_near_zero(final_init_scale)
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         h = concat_context(inputs, context)
