@@ -272,7 +272,8 @@ def interleaved_coupling_functions(num_layers: int) -> list[str]:
 def paired_coupling_functions(num_layers: int) -> list[str]:
     """Rational-quadratic spline couplings for the first pair of layers, affine after.
 
-    A coupling flow's consecutive layers transform the two halves of the coordinates in
+    Layer ``i`` counts from the base (the flow maps z -> x through layers 0, 1, ...). A
+    coupling flow's consecutive layers transform the two halves of the coordinates in
     turn, so a pair of layers transforms each coordinate once. With four layers this
     is ``["spline", "spline", "affine", "affine"]``: every coordinate is first bent by a
     spline, which can split its mass by its own value (two modes), then moved and
