@@ -144,7 +144,7 @@ def _made_and_applied_final_weight(multiplier: float) -> tuple[nn.Module, Callab
 
 def _mlp_and_applied_final_weight(multiplier: float) -> tuple[nn.Module, Callable]:
     mlp = MLP(3, 4, (16,), final_multiplier=multiplier).double()
-    final = mlp.network[-1]
+    final = mlp.output
     return mlp, lambda: final.weight * final.weight_multiplier
 
 
@@ -189,7 +189,7 @@ def test_mlp_final_multiplier_keeps_the_network_a_seed_builds(hidden_dims):
     torch.manual_seed(0)
     scaled = MLP(3, 4, hidden_dims, context_dim=2, final_multiplier=0.125).double()
     u, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    assert torch.equal(scaled.network[-1].weight, plain.network[-1].weight * 8)
+    assert torch.equal(scaled.output.weight, plain.output.weight * 8)
     assert torch.equal(scaled(u, c), plain(u, c))
     assert "weight_multiplier=0.125" in repr(scaled) and "multiplier" not in repr(plain)
 

@@ -359,14 +359,11 @@ def test_small_guides_get_the_final_multiplier(family):
         pyro.clear_param_store()
         guide = AutoFlow(model, flow=family, hidden_dims=(8,), **options)
         guide()
-        finals = [
-            layer.conditioner.output
-            if hasattr(layer.conditioner, "output")
-            else layer.conditioner.network[-1]
+        return {
+            layer.conditioner.output.weight_multiplier
             for layer in guide.flow.layers
             if hasattr(layer, "conditioner")
-        ]
-        return {final.weight_multiplier for final in finals}
+        }
 
     assert multipliers(2) == {GUIDE_SMALL_FINAL_MULTIPLIER}
     assert multipliers(2, final_multiplier=0.5) == {0.5}
@@ -540,4 +537,4 @@ def test_fit_guide_high_budget_builds_the_measured_guide(dim):
     layers = guide.flow.layers
     assert [type(layer).__name__ for layer in layers] == ["Coupling"] * 8
     assert _coupling_function_names(guide) == ["Affine"] * 8
-    assert {layer.conditioner.network[-1].weight_multiplier for layer in layers} == {1.0}
+    assert {layer.conditioner.output.weight_multiplier for layer in layers} == {1.0}

@@ -148,6 +148,11 @@ class MLP(nn.Module):
         self.network = nn.Sequential(*layers)
         final.start_near_zero(final_init_scale)
 
+    @property
+    def output(self) -> ScaledLinear:
+        """The last layer (as :class:`~pyro_nf.nn.MADE`'s ``output``)."""
+        return self.network[-1]
+
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         h = concat_context(inputs, context)
         for layer in self.network:
