@@ -370,9 +370,20 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     elbo = make_objective(getattr(args, "objective", "elbo"), args.particles)
     decay = (args.final_lr / args.lr) ** (1.0 / max(args.steps, 1))
     optimizer = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": decay})
-    svi = SVI(problem.model, guide, optimizer, elbo)
+    anneal_steps = int(getattr(args, "anneal", 0.0) * args.steps)
+    start_beta = getattr(args, "anneal_start", 0.1)
+    inverse_temperature = [1.0]
+
+    def tempered_model(*model_args, **model_kwargs):
+        with poutine.scale(scale=inverse_temperature[0]):
+            return problem.model(*model_args, **model_kwargs)
+
+    svi = SVI(tempered_model if anneal_steps else problem.model, guide, optimizer, elbo)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        if anneal_steps:
+            progress = min(step / anneal_steps, 1.0)
+            inverse_temperature[0] = start_beta + (1.0 - start_beta) * progress
         loss = svi.step()
         if not math.isfinite(loss):
             return time.perf_counter() - start, False
@@ -560,6 +571,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="elbo",
         help="training objective: elbo (default), iwae, or renyi:ALPHA (Pyro's RenyiELBO)",
     )
+    parser.add_argument(
+        "--anneal",
+        type=float,
+        default=0.0,
+        help="train on the tempered model p^beta for this fraction of the steps, beta rising "
+        "linearly from --anneal-start to 1 (Rezende and Mohamed, 2015); 0: no annealing",
+    )
+    parser.add_argument("--anneal-start", type=float, default=0.1)
     parser.add_argument("--eval-samples", type=int, default=4000)
     parser.add_argument(
         "--budget-steps",
@@ -612,7 +631,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     problems = make_problems(args.targets.split(","))
     print(
         f"steps={args.steps} lr={args.lr}->{args.final_lr} particles={args.particles} "
-        f"objective={args.objective} "
+        f"objective={args.objective} anneal={args.anneal}@{args.anneal_start} "
         f"eval samples={args.eval_samples} seed={args.seed} AutoFlow options={flow_options}"
     )
     rows = []
