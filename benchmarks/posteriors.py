@@ -62,7 +62,15 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from pyro_nf.flows import FLOW_BUILDERS
-from pyro_nf.infer import GUIDE_BUDGETS, AutoFlow, NonFiniteLossError, fit_guide, psis_diagnostic
+from pyro_nf.infer import (
+    GUIDE_BUDGETS,
+    AutoFlow,
+    NonFiniteLossError,
+    annealed_inverse_temperature,
+    fit_guide,
+    psis_diagnostic,
+    temper_likelihood,
+)
 from pyro_nf.infer import targets as known_targets
 from pyro_nf.transforms import ContinuousFlow
 
@@ -370,21 +378,12 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     elbo = make_objective(getattr(args, "objective", "elbo"), args.particles)
     decay = (args.final_lr / args.lr) ** (1.0 / max(args.steps, 1))
     optimizer = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": decay})
-    anneal_steps = int(getattr(args, "anneal", 0.0) * args.steps)
-    start_beta = getattr(args, "anneal_start", 0.1)
-    inverse_temperature = [1.0]
-
-    def tempered_model(*model_args, **model_kwargs):
-        with poutine.scale(scale=inverse_temperature[0]):
-            return problem.model(*model_args, **model_kwargs)
-
-    svi = SVI(tempered_model if anneal_steps else problem.model, guide, optimizer, elbo)
+    anneal, anneal_start = getattr(args, "anneal", 0.0), getattr(args, "anneal_start", 0.1)
     start = time.perf_counter()
     for step in range(args.steps):
-        if anneal_steps:
-            progress = min(step / anneal_steps, 1.0)
-            inverse_temperature[0] = start_beta + (1.0 - start_beta) * progress
-        loss = svi.step()
+        beta = annealed_inverse_temperature(step, args.steps, anneal, anneal_start)
+        model = problem.model if beta == 1.0 else temper_likelihood(problem.model, beta)
+        loss = SVI(model, guide, optimizer, elbo).step()
         if not math.isfinite(loss):
             return time.perf_counter() - start, False
     return time.perf_counter() - start, True
@@ -575,8 +574,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--anneal",
         type=float,
         default=0.0,
-        help="train on the tempered model p^beta for this fraction of the steps, beta rising "
-        "linearly from --anneal-start to 1 (Rezende and Mohamed, 2015); 0: no annealing",
+        help="train on the tempered likelihood p(y | z)^beta for this fraction of the steps, "
+        "beta rising linearly from --anneal-start to 1 (pyro_nf.infer.temper_likelihood); "
+        "0: no annealing",
     )
     parser.add_argument("--anneal-start", type=float, default=0.1)
     parser.add_argument("--eval-samples", type=int, default=4000)

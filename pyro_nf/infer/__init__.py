@@ -25,7 +25,12 @@ from pyro_nf.infer.diagnostics import (
     to_inference_data,
 )
 from pyro_nf.infer.flow_matching import flow_matching_loss
-from pyro_nf.infer.guide_training import GUIDE_BUDGETS, fit_guide
+from pyro_nf.infer.guide_training import (
+    GUIDE_BUDGETS,
+    annealed_inverse_temperature,
+    fit_guide,
+    temper_likelihood,
+)
 from pyro_nf.infer.training import FIT_OBJECTIVES, FitHistory, NonFiniteLossError, fit
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "NpyBatches",
     "PSISResult",
     "PathDerivativeDistribution",
+    "annealed_inverse_temperature",
     "first_argument_rows",
     "fit",
     "fit_guide",
@@ -49,5 +55,6 @@ __all__ = [
     "importance_draws",
     "psis_diagnostic",
     "targets",
+    "temper_likelihood",
     "to_inference_data",
 ]
