@@ -12,7 +12,13 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_nf.flows import realnvp
-from pyro_nf.infer import AutoFlow, NonFiniteLossError, fit_guide
+from pyro_nf.infer import (
+    AutoFlow,
+    NonFiniteLossError,
+    annealed_inverse_temperature,
+    fit_guide,
+    temper_likelihood,
+)
 from pyro_nf.infer.autoguide import (
     GUIDE_CNF_LARGE_BLOCKS,
     GUIDE_CNF_LARGE_INIT,
@@ -515,7 +521,14 @@ def test_fit_guide_keeps_the_last_good_parameters_on_a_non_finite_loss():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"budget": "huge"}, "budget must be one of"), ({"steps": 0}, "steps must be positive")],
+    [
+        ({"budget": "huge"}, "budget must be one of"),
+        ({"steps": 0}, "steps must be positive"),
+        ({"anneal": 1.5}, "anneal must be a fraction"),
+        ({"anneal": -0.1}, "anneal must be a fraction"),
+        ({"anneal": True}, "anneal must be a fraction"),
+        ({"anneal_start": 0.0}, r"inverse_temperature must be in \(0, 1\]"),
+    ],
 )
 def test_fit_guide_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -538,3 +551,66 @@ def test_fit_guide_high_budget_builds_the_measured_guide(dim):
     assert [type(layer).__name__ for layer in layers] == ["Coupling"] * 8
     assert _coupling_function_names(guide) == ["Affine"] * 8
     assert {layer.conditioner.output.weight_multiplier for layer in layers} == {1.0}
+
+
+def factor_model() -> None:
+    """A latent site, an observed site and a factor: the last two are the likelihood."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(z, 0.5), obs=torch.tensor(2.0))
+    pyro.factor("bonus", -(z**2))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 1.0])
+def test_temper_likelihood_scales_the_observed_sites_only(beta):
+    """log p_beta(z, y) = log p(z) + beta (log p(y | z) + factor), at the same z."""
+    pyro.set_rng_seed(0)
+    trace = pyro.poutine.trace(temper_likelihood(factor_model, beta)).get_trace()
+    z = trace.nodes["z"]["value"]
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + beta * dist.Normal(z, 0.5).log_prob(torch.tensor(2.0))
+        - beta * z**2
+    )
+    assert torch.allclose(trace.log_prob_sum(), expected, rtol=0, atol=1e-6)
+    assert trace.nodes["z"]["scale"] == 1.0
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.5, 1.5, math.nan, True, "0.5"])
+def test_temper_likelihood_rejects_an_inverse_temperature_outside_0_1(beta):
+    with pytest.raises(ValueError, match=r"inverse_temperature must be in \(0, 1\]"):
+        temper_likelihood(factor_model, beta)
+
+
+def test_annealed_inverse_temperature_rises_linearly_to_one():
+    steps, anneal, start = 100, 0.3, 0.2
+    betas = [annealed_inverse_temperature(step, steps, anneal, start) for step in range(steps)]
+    assert betas[0] == start
+    assert betas[15] == pytest.approx(start + (1 - start) * 15 / 30)
+    assert all(a < b for a, b in zip(betas[:30], betas[1:31], strict=True))  # rising
+    assert betas[30:] == [1.0] * 70
+    assert {annealed_inverse_temperature(step, steps, 0.0, start) for step in range(steps)} == {1.0}
+
+
+def test_fit_guide_trains_on_the_tempered_likelihood_first():
+    """The first step's loss is the tempered model's (beta = anneal_start), to the bit,
+    and not the model's; without annealing it is the model's."""
+
+    def first_loss(model, **fit_options) -> float:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        losses: list[float] = []
+        fit_guide(factor_model, steps=1, losses=losses, flow_options=SMALL, **fit_options)
+        return losses[0]
+
+    def loss_of(model) -> float:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoFlow(factor_model, **SMALL)
+        guide()
+        elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=math.inf)
+        return float(elbo.differentiable_loss(model, guide).detach())
+
+    tempered, untempered = loss_of(temper_likelihood(factor_model, 0.25)), loss_of(factor_model)
+    assert tempered != untempered
+    assert first_loss(factor_model, anneal=0.5, anneal_start=0.25) == tempered
+    assert first_loss(factor_model, anneal=0.0) == untempered
