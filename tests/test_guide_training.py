@@ -9,6 +9,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from pyro.infer import Trace_ELBO
 
 from pyro_nf.flows import realnvp
@@ -589,6 +591,23 @@ def test_annealed_inverse_temperature_rises_linearly_to_one():
     assert all(a < b for a, b in zip(betas[:30], betas[1:31], strict=True))  # rising
     assert betas[30:] == [1.0] * 70
     assert {annealed_inverse_temperature(step, steps, 0.0, start) for step in range(steps)} == {1.0}
+
+
+@given(
+    steps=st.integers(1, 10_000),
+    anneal=st.floats(0.0, 1.0),
+    start=st.floats(1e-6, 1.0),
+    data=st.data(),
+)
+def test_annealed_inverse_temperature_is_a_rising_beta_in_start_1(steps, anneal, start, data):
+    """Every beta lies in [start, 1] and never falls; after ``anneal * steps`` it is 1."""
+    step = data.draw(st.integers(0, steps - 1))
+    beta = annealed_inverse_temperature(step, steps, anneal, start)
+    following = annealed_inverse_temperature(min(step + 1, steps - 1), steps, anneal, start)
+    assert start <= beta <= 1.0
+    assert following >= beta
+    if step >= anneal * steps:
+        assert beta == 1.0
 
 
 def test_fit_guide_trains_on_the_tempered_likelihood_first():
