@@ -52,7 +52,14 @@ from common import (  # noqa: E402
 )
 
 from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
-from pyro_nf.infer import AutoFlow, psis_diagnostic, targets, to_inference_data  # noqa: E402
+from pyro_nf.infer import (  # noqa: E402
+    AutoFlow,
+    annealed_inverse_temperature,
+    psis_diagnostic,
+    targets,
+    temper_likelihood,
+    to_inference_data,
+)
 from pyro_nf.infer.autoguide import GUIDE_FINAL_MULTIPLIER_FAMILIES  # noqa: E402
 
 MODELS = ("banana", "funnel", "logistic")
@@ -192,6 +199,8 @@ def train(guide: object, problem: Problem, args: argparse.Namespace, label: str)
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc=label, leave=False, disable=not progress_enabled(args))
     for step in bar:
+        beta = annealed_inverse_temperature(step, args.steps, args.anneal, args.anneal_start)
+        svi.model = problem.model if beta == 1.0 else temper_likelihood(problem.model, beta)
         loss = svi.step(*problem.args)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{label}: the loss became {loss} at step {step}")
@@ -246,6 +255,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lrd", type=float, default=None, help="learning-rate decay per step")
+    parser.add_argument(
+        "--anneal",
+        type=float,
+        default=0.0,
+        help="fraction of the steps on the tempered likelihood p(y | z)^beta, beta rising "
+        "linearly from --anneal-start to 1 (0: none; 0.5 for a posterior with several modes)",
+    )
+    parser.add_argument("--anneal-start", type=float, default=0.1)
     add_guide_arguments(parser)
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")

@@ -15,6 +15,8 @@ import pytest
 import torch
 from scripts import load_script
 
+from pyro_nf.infer import temper_likelihood
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -299,6 +301,24 @@ def test_examples_final_multiplier_reaches_the_iaf_guide(example, argv, expected
     assert multipliers == expected
     # A family without MADE conditioners ignores the option instead of failing.
     guides.make_guide("AutoFlow-realnvp", problem.model, args)()
+
+
+def test_svi_guides_anneal_tempers_the_first_steps(monkeypatch):
+    """``--anneal 0.5`` trains the first half of the steps on the tempered likelihood,
+    beta rising from ``--anneal-start``; the later steps on the model itself."""
+    guides = load_example("svi_guides")
+    betas: list[float] = []
+
+    def recording_temper_likelihood(model, beta):
+        betas.append(beta)
+        return temper_likelihood(model, beta)
+
+    monkeypatch.setattr(guides, "temper_likelihood", recording_temper_likelihood)
+    args = guides.parse_args(["--quick", "--anneal", "0.5", "--anneal-start", "0.2"])
+    problem = guides.make_problem("banana", args)
+    guides.train(guides.make_guide("AutoFlow-iaf", problem.model, args), problem, args, "iaf")
+    assert args.steps == 5
+    assert betas == pytest.approx([0.2, 0.2 + 0.8 / 2.5, 0.2 + 0.8 * 2 / 2.5])
 
 
 def test_neutra_hmc_quick(tmp_path):
