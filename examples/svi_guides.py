@@ -148,8 +148,8 @@ def add_guide_arguments(
     parser: argparse.ArgumentParser, final_multiplier: float | None = None
 ) -> None:
     """The options of the flow guides that :func:`make_guide` reads (each ``None``:
-    ``AutoFlow``'s default); ``final_multiplier`` is the example's own default for
-    ``--final-multiplier``."""
+    ``AutoFlow``'s default), and the annealing that :func:`train` reads;
+    ``final_multiplier`` is the example's own default for ``--final-multiplier``."""
     parser.add_argument(
         "--flow-layers", type=int, default=None, help="flow layers (default: AutoFlow's)"
     )
@@ -168,6 +168,14 @@ def add_guide_arguments(
         )
         + ")",
     )
+    parser.add_argument(
+        "--anneal",
+        type=float,
+        default=0.0,
+        help="fraction of the steps on the tempered likelihood p(y | z)^beta, beta rising "
+        "linearly from --anneal-start to 1 (0: none; 0.5 for a posterior with several modes)",
+    )
+    parser.add_argument("--anneal-start", type=float, default=0.1)
 
 
 def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) -> object:
@@ -255,14 +263,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--particles", type=int, default=8, help="ELBO particles per step")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--lrd", type=float, default=None, help="learning-rate decay per step")
-    parser.add_argument(
-        "--anneal",
-        type=float,
-        default=0.0,
-        help="fraction of the steps on the tempered likelihood p(y | z)^beta, beta rising "
-        "linearly from --anneal-start to 1 (0: none; 0.5 for a posterior with several modes)",
-    )
-    parser.add_argument("--anneal-start", type=float, default=0.1)
     add_guide_arguments(parser)
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")

@@ -121,7 +121,8 @@ def temper_likelihood(model: Callable[..., Any], inverse_temperature: float) -> 
         ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
         ...     pyro.sample("y", dist.Normal(z, 1.0), obs=torch.tensor(2.0))
         >>> trace = pyro.poutine.trace(temper_likelihood(model, 0.5)).get_trace()
-        >>> trace.nodes["y"]["scale"], trace.nodes["z"]["scale"]
+        >>> y, z = trace.nodes["y"], trace.nodes["z"]
+        >>> y["scale"], z["scale"]
         (0.5, 1.0)
     """
     if isinstance(inverse_temperature, bool) or not (
@@ -137,8 +138,8 @@ def annealed_inverse_temperature(step: int, steps: int, anneal: float, start: fl
     ``anneal`` is 0).
 
     Example:
-        >>> [annealed_inverse_temperature(step, 10, 0.5, 0.1) for step in (0, 1, 5, 9)]
-        [0.1, 0.28, 1.0, 1.0]
+        >>> tuple(annealed_inverse_temperature(step, 10, 0.5, 0.1) for step in (0, 1, 5, 9))
+        (0.1, 0.28, 1.0, 1.0)
     """
     annealing_steps = anneal * steps
     if step >= annealing_steps:
