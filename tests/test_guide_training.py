@@ -529,7 +529,7 @@ def test_fit_guide_keeps_the_last_good_parameters_on_a_non_finite_loss():
         ({"anneal": 1.5}, "anneal must be a fraction"),
         ({"anneal": -0.1}, "anneal must be a fraction"),
         ({"anneal": True}, "anneal must be a fraction"),
-        ({"anneal_start": 0.0}, r"inverse_temperature must be in \(0, 1\]"),
+        ({"anneal_start": 0.0}, r"anneal_start must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_fit_guide_rejects_bad_arguments(kwargs, match):

@@ -125,11 +125,14 @@ def temper_likelihood(model: Callable[..., Any], inverse_temperature: float) -> 
         >>> y["scale"], z["scale"]
         (0.5, 1.0)
     """
-    if isinstance(inverse_temperature, bool) or not (
-        isinstance(inverse_temperature, int | float) and 0.0 < inverse_temperature <= 1.0
-    ):
-        raise ValueError(f"inverse_temperature must be in (0, 1], got {inverse_temperature!r}")
-    return _ScaleObserved(float(inverse_temperature))(model)
+    return _ScaleObserved(_inverse_temperature("inverse_temperature", inverse_temperature))(model)
+
+
+def _inverse_temperature(name: str, value: Any) -> float:
+    """``value`` as a float if it is an inverse temperature in (0, 1], else a ``ValueError``."""
+    if isinstance(value, bool) or not (isinstance(value, int | float) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
 
 
 def annealed_inverse_temperature(step: int, steps: int, anneal: float, start: float) -> float:
@@ -175,8 +178,8 @@ def fit_guide(
     :math:`p(\theta)\, p(y \mid \theta)^{\beta}` (:func:`temper_likelihood`), with
     beta rising linearly from ``anneal_start`` to 1: the guide spreads over every mode
     of the posterior while it is wide and keeps them as they separate (Rezende and
-    Mohamed, 2015, annealed the same way). ``budget`` picks the preset of :data:`GUIDE_BUDGETS`; every other
-    argument given overrides that preset's entry. An update whose loss or gradient is
+    Mohamed, 2015, annealed the same way). ``budget`` picks the preset of
+    :data:`GUIDE_BUDGETS`; every other argument given overrides that preset's entry. An update whose loss or gradient is
     not finite is refused (the parameters keep the values of the last good update, as
     in :func:`~pyro_nf.infer.fit`); after :data:`MAX_REFUSED_UPDATES` refusals in a row
     training stops with :class:`~pyro_nf.infer.NonFiniteLossError`, the guide holding
@@ -201,12 +204,11 @@ def fit_guide(
         anneal: the fraction of ``steps`` spent on the tempered likelihood, in [0, 1]
             (0, both presets' value: none). 0.5 with ``anneal_start`` 0.1 is the
             measured choice for a posterior that may have several modes: on the
-            suite's two-mode target it halves every flow guide's mean KL and no
-            guide kept only one mode (12 cells each), where without it each keeps one
+            suite's two-mode target it halves every flow guide's mean KL and no flow
+            guide kept only one mode (24 cells each), where without it each keeps one
             mode in 4 to 7 of 36 cells; the funnel lost 0.08 to 0.24 nats, so it is
             not a default (``docs/benchmarks/posteriors.md``, "Annealing the
-            likelihood").
-            The losses of those steps are the tempered model's.
+            likelihood"). The losses of those steps are the tempered model's.
         anneal_start: the first step's inverse temperature beta, in (0, 1].
         max_plate_nesting: the model's plate depth (guessed by Pyro when None).
         losses: a list that receives the loss (negative ELBO estimate) of every step.
@@ -252,7 +254,7 @@ def fit_guide(
     anneal_start = preset["anneal_start"] if anneal_start is None else anneal_start
     if isinstance(anneal, bool) or not (isinstance(anneal, int | float) and 0 <= anneal <= 1):
         raise ValueError(f"anneal must be a fraction of the steps in [0, 1], got {anneal!r}")
-    temper_likelihood(model, anneal_start)  # checks anneal_start before any work
+    anneal_start = _inverse_temperature("anneal_start", anneal_start)
 
     guide = AutoFlow(model, flow=flow, **options)
     guide(*args, **kwargs)  # builds the parameters
