@@ -577,6 +577,20 @@ def test_temper_likelihood_scales_the_observed_sites_only(beta):
     assert trace.nodes["z"]["scale"] == 1.0
 
 
+def test_temper_likelihood_composes_with_a_subsampled_plate():
+    """A subsampled plate's scale (size / subsample size) and beta multiply: the tempered
+    minibatch likelihood is beta times the plate's unbiased estimate."""
+
+    def minibatch_model() -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 10, subsample_size=5):
+            pyro.sample("y", dist.Normal(z, 1.0), obs=torch.zeros(5))
+
+    trace = pyro.poutine.trace(temper_likelihood(minibatch_model, 0.25)).get_trace()
+    assert trace.nodes["y"]["scale"] == pytest.approx(2.0 * 0.25)
+    assert trace.nodes["z"]["scale"] == 1.0
+
+
 @pytest.mark.parametrize("beta", [0.0, -0.5, 1.5, math.nan, True, "0.5"])
 def test_temper_likelihood_rejects_an_inverse_temperature_outside_0_1(beta):
     with pytest.raises(ValueError, match=r"inverse_temperature must be in \(0, 1\]"):
