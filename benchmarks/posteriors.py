@@ -378,12 +378,13 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     elbo = make_objective(getattr(args, "objective", "elbo"), args.particles)
     decay = (args.final_lr / args.lr) ** (1.0 / max(args.steps, 1))
     optimizer = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": decay})
+    svi = SVI(problem.model, guide, optimizer, elbo)
     anneal, anneal_start = getattr(args, "anneal", 0.0), getattr(args, "anneal_start", 0.1)
     start = time.perf_counter()
     for step in range(args.steps):
         beta = annealed_inverse_temperature(step, args.steps, anneal, anneal_start)
-        model = problem.model if beta == 1.0 else temper_likelihood(problem.model, beta)
-        loss = SVI(model, guide, optimizer, elbo).step()
+        svi.model = temper_likelihood(problem.model, beta)
+        loss = svi.step()
         if not math.isfinite(loss):
             return time.perf_counter() - start, False
     return time.perf_counter() - start, True

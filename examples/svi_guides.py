@@ -208,7 +208,7 @@ def train(guide: object, problem: Problem, args: argparse.Namespace, label: str)
     bar = tqdm(range(args.steps), desc=label, leave=False, disable=not progress_enabled(args))
     for step in bar:
         beta = annealed_inverse_temperature(step, args.steps, args.anneal, args.anneal_start)
-        svi.model = problem.model if beta == 1.0 else temper_likelihood(problem.model, beta)
+        svi.model = temper_likelihood(problem.model, beta)
         loss = svi.step(*problem.args)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{label}: the loss became {loss} at step {step}")

@@ -597,6 +597,26 @@ def test_temper_likelihood_rejects_an_inverse_temperature_outside_0_1(beta):
         temper_likelihood(factor_model, beta)
 
 
+def test_temper_likelihood_at_beta_one_is_the_model_itself():
+    assert temper_likelihood(factor_model, 1.0) is factor_model
+    assert temper_likelihood(factor_model, 0.5) is not factor_model
+
+
+@pytest.mark.parametrize(
+    ("anneal", "start", "match"),
+    [
+        (2.0, 0.1, "anneal must be a fraction"),
+        (-0.5, 0.1, "anneal must be a fraction"),
+        (0.5, 0.0, r"start must be in \(0, 1\]"),
+        (0.5, 1.5, r"start must be in \(0, 1\]"),
+    ],
+)
+def test_annealed_inverse_temperature_rejects_a_bad_fraction_or_start(anneal, start, match):
+    """A fraction above 1 would never reach beta = 1; a start outside (0, 1] is no beta."""
+    with pytest.raises(ValueError, match=match):
+        annealed_inverse_temperature(0, 100, anneal, start)
+
+
 def test_annealed_inverse_temperature_rises_linearly_to_one():
     steps, anneal, start = 100, 0.3, 0.2
     betas = [annealed_inverse_temperature(step, steps, anneal, start) for step in range(steps)]

@@ -111,7 +111,8 @@ def temper_likelihood(model: Callable[..., Any], inverse_temperature: float) -> 
         inverse_temperature: beta, in (0, 1].
 
     Returns:
-        the tempered model, called with ``model``'s arguments.
+        the tempered model, called with ``model``'s arguments (``model`` itself at
+        beta = 1, so a schedule's later steps run the model unwrapped).
 
     Raises:
         ValueError: if ``inverse_temperature`` is not in (0, 1].
@@ -125,7 +126,8 @@ def temper_likelihood(model: Callable[..., Any], inverse_temperature: float) -> 
         >>> y["scale"], z["scale"]
         (0.5, 1.0)
     """
-    return _ScaleObserved(_inverse_temperature("inverse_temperature", inverse_temperature))(model)
+    beta = _inverse_temperature("inverse_temperature", inverse_temperature)
+    return model if beta == 1.0 else _ScaleObserved(beta)(model)
 
 
 def _inverse_temperature(name: str, value: Any) -> float:
@@ -135,15 +137,30 @@ def _inverse_temperature(name: str, value: Any) -> float:
     return float(value)
 
 
+def _anneal_fraction(value: Any) -> float:
+    """``value`` as a float if it is a fraction of the steps in [0, 1], else a ``ValueError``."""
+    if isinstance(value, bool) or not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise ValueError(f"anneal must be a fraction of the steps in [0, 1], got {value!r}")
+    return float(value)
+
+
 def annealed_inverse_temperature(step: int, steps: int, anneal: float, start: float) -> float:
-    """The inverse temperature of step ``step`` of ``steps``: rising linearly from ``start``
+    r"""The inverse temperature of step ``step`` of ``steps``: rising linearly from ``start``
     at step 0 to 1 at step ``anneal * steps``, and 1 from there on (1 throughout when
     ``anneal`` is 0).
+
+    .. math::
+        \beta_t = \min\Big(1,\ \text{start} + (1 - \text{start})
+        \frac{t}{\text{anneal} \cdot \text{steps}}\Big)
+
+    Raises:
+        ValueError: if ``anneal`` is not in [0, 1] or ``start`` not in (0, 1].
 
     Example:
         >>> tuple(annealed_inverse_temperature(step, 10, 0.5, 0.1) for step in (0, 1, 5, 9))
         (0.1, 0.28, 1.0, 1.0)
     """
+    anneal, start = _anneal_fraction(anneal), _inverse_temperature("start", start)
     annealing_steps = anneal * steps
     if step >= annealing_steps:
         return 1.0
@@ -250,11 +267,10 @@ def fit_guide(
     lr = _positive(float, "lr", preset["lr"] if lr is None else lr)
     final_lr = _positive(float, "final_lr", preset["final_lr"] if final_lr is None else final_lr)
     options.setdefault("gradient", preset["gradient"] if gradient is None else gradient)
-    anneal = preset["anneal"] if anneal is None else anneal
-    anneal_start = preset["anneal_start"] if anneal_start is None else anneal_start
-    if isinstance(anneal, bool) or not (isinstance(anneal, int | float) and 0 <= anneal <= 1):
-        raise ValueError(f"anneal must be a fraction of the steps in [0, 1], got {anneal!r}")
-    anneal_start = _inverse_temperature("anneal_start", anneal_start)
+    anneal = _anneal_fraction(preset["anneal"] if anneal is None else anneal)
+    anneal_start = _inverse_temperature(
+        "anneal_start", preset["anneal_start"] if anneal_start is None else anneal_start
+    )
 
     guide = AutoFlow(model, flow=flow, **options)
     guide(*args, **kwargs)  # builds the parameters
@@ -269,8 +285,7 @@ def fit_guide(
     refused = 0
     for step in range(steps):
         beta = annealed_inverse_temperature(step, steps, anneal, anneal_start)
-        tempered = model if beta == 1.0 else temper_likelihood(model, beta)
-        loss = elbo.differentiable_loss(tempered, guide, *args, **kwargs)
+        loss = elbo.differentiable_loss(temper_likelihood(model, beta), guide, *args, **kwargs)
         failure = optimization_step(loss, optimizer)
         if losses is not None:
             losses.append(float(loss.detach()))
