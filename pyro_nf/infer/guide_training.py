@@ -225,7 +225,11 @@ def fit_guide(
             guide kept only one mode (24 cells each), where without it each keeps one
             mode in 4 to 7 of 36 cells; the funnel lost 0.08 to 0.24 nats, so it is
             not a default (``docs/benchmarks/posteriors.md``, "Annealing the
-            likelihood"). The losses of those steps are the tempered model's.
+            likelihood"). Through this loop (iaf, seeds 0-2) 0.2 at equal compute
+            took the two-mode target's mean KL from 0.33 to 0.10 (no one-mode cell),
+            gained 0.67 and 0.40 nats on the logistic regression and the radon model,
+            tied on the schools and lost the funnel (KL +0.08). The losses of those
+            steps are the tempered model's.
         anneal_start: the first step's inverse temperature beta, in (0, 1].
         max_plate_nesting: the model's plate depth (guessed by Pyro when None).
         losses: a list that receives the loss (negative ELBO estimate) of every step.
