@@ -379,7 +379,7 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     decay = (args.final_lr / args.lr) ** (1.0 / max(args.steps, 1))
     optimizer = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": decay})
     svi = SVI(problem.model, guide, optimizer, elbo)
-    anneal, anneal_start = getattr(args, "anneal", 0.0), getattr(args, "anneal_start", 0.1)
+    anneal, anneal_start = annealing(args, GUIDE_BUDGETS["default"])
     start = time.perf_counter()
     for step in range(args.steps):
         beta = annealed_inverse_temperature(step, args.steps, anneal, anneal_start)
@@ -390,15 +390,32 @@ def train(problem: Problem, guide: Callable, args: argparse.Namespace) -> tuple[
     return time.perf_counter() - start, True
 
 
+def annealing(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[float, float]:
+    """``(anneal, anneal_start)``: ``--anneal`` and ``--anneal-start`` where given, else
+    the ``preset``'s (a :data:`GUIDE_BUDGETS` entry; both presets: no annealing)."""
+    anneal, start = getattr(args, "anneal", None), getattr(args, "anneal_start", None)
+    return (
+        preset["anneal"] if anneal is None else anneal,
+        preset["anneal_start"] if start is None else start,
+    )
+
+
 def train_fit_guide(
     problem: Problem, budget: str, args: argparse.Namespace
 ) -> tuple[AutoFlow, float, bool]:
     """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
-    gradient); ``--budget-steps`` overrides the preset's steps."""
+    gradient); ``--budget-steps``, ``--anneal`` and ``--anneal-start`` override the
+    preset's steps and annealing."""
     start = time.perf_counter()
     try:
+        anneal, anneal_start = annealing(args, GUIDE_BUDGETS[budget])
         guide = fit_guide(
-            problem.model, budget=budget, steps=args.budget_steps, max_plate_nesting=1
+            problem.model,
+            budget=budget,
+            steps=args.budget_steps,
+            anneal=anneal,
+            anneal_start=anneal_start,
+            max_plate_nesting=1,
         )
     except NonFiniteLossError as error:
         return error.guide, time.perf_counter() - start, False
@@ -574,12 +591,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--anneal",
         type=float,
-        default=0.0,
+        default=None,
         help="train on the tempered likelihood p(y | z)^beta for this fraction of the steps, "
-        "beta rising linearly from --anneal-start to 1 (pyro_nf.infer.temper_likelihood); "
-        "0: no annealing",
+        "beta rising linearly from --anneal-start to 1 (pyro_nf.infer.temper_likelihood), "
+        "every guide, fit_guide's too; default: fit_guide's presets' (0: no annealing)",
     )
-    parser.add_argument("--anneal-start", type=float, default=0.1)
+    parser.add_argument(
+        "--anneal-start", type=float, default=None, help="default: fit_guide's presets' (0.1)"
+    )
     parser.add_argument("--eval-samples", type=int, default=4000)
     parser.add_argument(
         "--budget-steps",
@@ -630,9 +649,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown guides {unknown}; expected some of {list(factories)}")
     problems = make_problems(args.targets.split(","))
+    anneal, anneal_start = annealing(args, GUIDE_BUDGETS["default"])
     print(
         f"steps={args.steps} lr={args.lr}->{args.final_lr} particles={args.particles} "
-        f"objective={args.objective} anneal={args.anneal}@{args.anneal_start} "
+        f"objective={args.objective} anneal={anneal}@{anneal_start} "
         f"eval samples={args.eval_samples} seed={args.seed} AutoFlow options={flow_options}"
     )
     rows = []

@@ -198,6 +198,28 @@ def test_quick_run_of_the_training_options():
         suite.make_objective("kl", 8)
 
 
+def test_anneal_flags_reach_fit_guide_rows(monkeypatch):
+    """``--anneal`` and ``--anneal-start`` train the fit_guide rows too; without them
+    fit_guide gets its preset's annealing (none)."""
+    suite = load_suite()
+    calls = []
+    real_fit_guide = suite.fit_guide
+
+    def recording_fit_guide(model, **kwargs):
+        calls.append({"anneal": kwargs["anneal"], "anneal_start": kwargs["anneal_start"]})
+        return real_fit_guide(model, **kwargs)
+
+    monkeypatch.setattr(suite, "fit_guide", recording_fit_guide)
+    command = ["--quick", "--targets", "bimodal", "--guides", "fit_guide(default)"]
+    suite.main([*command, "--anneal", "0.2", "--anneal-start", "0.5"])
+    suite.main(command)
+    preset = suite.GUIDE_BUDGETS["default"]
+    assert calls == [
+        {"anneal": 0.2, "anneal_start": 0.5},
+        {"anneal": preset["anneal"], "anneal_start": preset["anneal_start"]},
+    ]
+
+
 def test_unknown_names_are_errors():
     suite = load_suite()
     with pytest.raises(ValueError, match="unknown target"):
