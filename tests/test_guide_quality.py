@@ -172,8 +172,8 @@ def test_default_realnvp_guide_covers_both_modes_on_three_of_four_axes():
 
 
 def test_fit_guide_annealed_holds_both_modes_with_balanced_masses_on_every_axis():
-    """``fit_guide(model, anneal=0.5)`` (the default iaf guide, the first half of the
-    steps on the tempered likelihood) covers both modes of the two-mode mixture on all
+    """``fit_guide(model, anneal=0.5, anneal_start=0.1)`` (the default iaf guide, the
+    first half of the steps on the tempered likelihood, beta from 0.1) covers both modes of the two-mode mixture on all
     four axes, with masses close to equal.
 
     Bars: KL < 0.3 on every axis (a guide of the right shape with mode masses w and
@@ -193,7 +193,7 @@ def test_fit_guide_annealed_holds_both_modes_with_balanced_masses_on_every_axis(
         problem = problems[target]
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        guide = fit_guide(problem.model, anneal=0.5, max_plate_nesting=1)
+        guide = fit_guide(problem.model, anneal=0.5, anneal_start=0.1, max_plate_nesting=1)
         with torch.no_grad():
             result = psis_diagnostic(
                 problem.model, guide, num_samples=4000, batch_size=1000, max_plate_nesting=1
@@ -201,3 +201,35 @@ def test_fit_guide_annealed_holds_both_modes_with_balanced_masses_on_every_axis(
         kls.append(problem.log_z - result.elbo)
     assert max(kls) < 0.3, kls
     assert sum(kls) / len(kls) < 0.15, kls
+
+
+def test_fit_guide_at_its_defaults_holds_both_modes():
+    """``fit_guide(model)`` with nothing else (its default budget anneals a fifth of
+    the steps from beta 0.5) keeps both modes of the two-mode mixture on at least three
+    of the four axes, with a mean KL below 0.3, at seed 1.
+
+    Bars: a guide that keeps one mode has KL log 2 (0.69), so "both modes" is KL below
+    log 2 - 0.1; a mean KL of 0.3 is a guide whose mode masses are 0.86 and 0.14 on
+    average (w log 2w + (1 - w) log 2(1 - w)). Over seeds 0-5 (24 cells,
+    docs/benchmarks/posteriors.md, "Annealing the likelihood") the default kept one
+    mode in one cell (seed 5) and its means over the four axes were 0.12 to 0.23;
+    without annealing it kept one mode in 7 cells, on two axes at seeds 1 and 3, with
+    means 0.17 to 0.39 (0.39 at seed 1). Seed 1 is a seed where the guide that is not
+    annealed fails both bars.
+    """
+    suite = load_suite()
+    targets = ["bimodal", "bimodal@45", "bimodal@90", "bimodal@135"]
+    problems = suite.make_problems(targets)
+    kls = []
+    for target in targets:
+        problem = problems[target]
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        guide = fit_guide(problem.model, max_plate_nesting=1)
+        with torch.no_grad():
+            result = psis_diagnostic(
+                problem.model, guide, num_samples=4000, batch_size=1000, max_plate_nesting=1
+            )
+        kls.append(problem.log_z - result.elbo)
+    assert sum(kl < math.log(2.0) - 0.1 for kl in kls) >= 3, kls
+    assert sum(kls) / len(kls) < 0.3, kls

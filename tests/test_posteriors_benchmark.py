@@ -200,7 +200,8 @@ def test_quick_run_of_the_training_options():
 
 def test_anneal_flags_reach_fit_guide_rows(monkeypatch):
     """``--anneal`` and ``--anneal-start`` train the fit_guide rows too; without them
-    fit_guide gets its preset's annealing (none)."""
+    fit_guide gets its preset's annealing (the default's: a fifth of the steps from
+    beta 0.5)."""
     suite = load_suite()
     calls = []
     real_fit_guide = suite.fit_guide
@@ -218,6 +219,31 @@ def test_anneal_flags_reach_fit_guide_rows(monkeypatch):
         {"anneal": 0.2, "anneal_start": 0.5},
         {"anneal": preset["anneal"], "anneal_start": preset["anneal_start"]},
     ]
+
+
+def test_the_suites_svi_loop_anneals_only_when_asked(monkeypatch):
+    """The guides the suite's own SVI loop trains (Pyro's and AutoFlow's) see the model
+    untempered unless ``--anneal`` is given, as Pyro users train them, whatever
+    fit_guide's default preset does; ``--anneal`` alone starts the schedule at beta
+    0.1, the start its annealing tables were measured with."""
+    suite = load_suite()
+    betas = []
+    real_temper_likelihood = suite.temper_likelihood
+
+    def recording_temper_likelihood(model, beta):
+        betas.append(beta)
+        return real_temper_likelihood(model, beta)
+
+    monkeypatch.setattr(suite, "temper_likelihood", recording_temper_likelihood)
+    command = ["--quick", "--targets", "bimodal", "--guides", "AutoNormal"]  # 5 steps
+    suite.main(command)
+    assert betas == [1.0] * 5
+    betas.clear()
+    suite.main([*command, "--anneal", "0.4"])
+    assert betas == pytest.approx([0.1, 0.55, 1.0, 1.0, 1.0])
+    betas.clear()
+    suite.main([*command, "--anneal", "0.4", "--anneal-start", "0.5"])
+    assert betas == pytest.approx([0.5, 0.75, 1.0, 1.0, 1.0])
 
 
 def test_unknown_names_are_errors():
