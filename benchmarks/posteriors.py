@@ -340,6 +340,8 @@ def guide_factories(flow_options: dict[str, Any]) -> dict[str, Callable]:
         )
     for budget in GUIDE_BUDGETS:  # trained by fit_guide at its own budget (see evaluate)
         factories[f"fit_guide({budget})"] = None
+    for family in FLOW_BUILDERS:  # the default budget with another family
+        factories[f"fit_guide(default:{family})"] = None
     return factories
 
 
@@ -413,17 +415,19 @@ def annealing(
 
 
 def train_fit_guide(
-    problem: Problem, budget: str, args: argparse.Namespace
+    problem: Problem, budget: str, args: argparse.Namespace, flow: str | None = None
 ) -> tuple[AutoFlow, float, bool]:
     """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
-    gradient); ``--budget-steps``, ``--anneal`` and ``--anneal-start`` override the
-    preset's steps and annealing."""
+    gradient), with the preset's family unless ``flow`` names another;
+    ``--budget-steps``, ``--anneal`` and ``--anneal-start`` override the preset's steps
+    and annealing."""
     start = time.perf_counter()
     try:
         anneal, anneal_start = annealing(args, GUIDE_BUDGETS[budget])
         guide = fit_guide(
             problem.model,
             budget=budget,
+            flow=flow,
             steps=args.budget_steps,
             anneal=anneal,
             anneal_start=anneal_start,
@@ -477,10 +481,9 @@ def evaluate(problem: Problem, guide_name: str, make_guide: Callable, args) -> d
     pyro.set_rng_seed(args.seed)
     row: dict[str, Any] = {"target": problem.name, "guide": guide_name}
     try:
-        if guide_name.startswith("fit_guide("):
-            guide, seconds, finite = train_fit_guide(
-                problem, guide_name[len("fit_guide(") : -1], args
-            )
+        if guide_name.startswith("fit_guide("):  # fit_guide(budget) or (budget:family)
+            budget, _, family = guide_name[len("fit_guide(") : -1].partition(":")
+            guide, seconds, finite = train_fit_guide(problem, budget, args, family or None)
         else:
             guide = make_guide(problem.model)
             seconds, finite = train(problem, guide, args)

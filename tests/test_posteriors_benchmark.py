@@ -221,6 +221,24 @@ def test_anneal_flags_reach_fit_guide_rows(monkeypatch):
     ]
 
 
+def test_fit_guide_rows_of_another_family(monkeypatch):
+    """``fit_guide(default:FAMILY)`` trains fit_guide's default budget with that
+    family's guide; ``fit_guide(default)`` with the preset's (iaf)."""
+    suite = load_suite()
+    flows = []
+    real_fit_guide = suite.fit_guide
+
+    def recording_fit_guide(model, **kwargs):
+        flows.append(kwargs["flow"])
+        return real_fit_guide(model, **kwargs)
+
+    monkeypatch.setattr(suite, "fit_guide", recording_fit_guide)
+    guides = "fit_guide(default),fit_guide(default:maf),fit_guide(default:realnvp)"
+    rows = suite.main(["--quick", "--targets", "banana", "--guides", guides])
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    assert flows == [None, "maf", "realnvp"]
+
+
 def test_the_suites_svi_loop_anneals_only_when_asked(monkeypatch):
     """The guides the suite's own SVI loop trains (Pyro's and AutoFlow's) see the model
     untempered unless ``--anneal`` is given, as Pyro users train them, whatever
