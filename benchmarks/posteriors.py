@@ -29,6 +29,13 @@ where log Z is known, ``err`` = mean over coordinates of ``|E_q - E_true| / sd_t
     python benchmarks/posteriors.py --quick               # a smoke test (seconds)
     python benchmarks/posteriors.py --targets radon --guides "AutoFlow(iaf)" \\
         --flow-option init_scale=1.0                      # one cell with other options
+    python benchmarks/posteriors.py --targets funnel \\
+        --guides "fit_guide(default),fit_guide(default:maf)"  # fit_guide, its own recipe
+
+The ``fit_guide(BUDGET)`` rows (not in the default list) train by
+``pyro_nf.infer.fit_guide`` at that preset instead (``fit_guide(default:FAMILY)``: the
+default budget with another family), annealed as the preset says unless ``--anneal``
+is given.
 """
 
 from __future__ import annotations
