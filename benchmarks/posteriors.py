@@ -675,10 +675,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown guides {unknown}; expected some of {list(factories)}")
     problems = make_problems(args.targets.split(","))
-    anneal, anneal_start = annealing(args)  # fit_guide rows: their preset's without --anneal
+    anneal, anneal_start = annealing(args)
+    schedule = f"{anneal}@{anneal_start}"
+    if args.anneal is None:  # the fit_guide rows anneal as their preset says
+        schedule += " (fit_guide rows: their preset's)"
     print(
         f"steps={args.steps} lr={args.lr}->{args.final_lr} particles={args.particles} "
-        f"objective={args.objective} anneal={anneal}@{anneal_start} "
+        f"objective={args.objective} anneal={schedule} "
         f"eval samples={args.eval_samples} seed={args.seed} AutoFlow options={flow_options}"
     )
     rows = []

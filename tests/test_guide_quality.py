@@ -173,8 +173,8 @@ def test_default_realnvp_guide_covers_both_modes_on_three_of_four_axes():
 
 def test_fit_guide_annealed_holds_both_modes_with_balanced_masses_on_every_axis():
     """``fit_guide(model, anneal=0.5, anneal_start=0.1)`` (the default iaf guide, the
-    first half of the steps on the tempered likelihood, beta from 0.1) covers both modes of the two-mode mixture on all
-    four axes, with masses close to equal.
+    first half of the steps on the tempered likelihood, beta from 0.1) covers both
+    modes of the two-mode mixture on all four axes, with masses close to equal.
 
     Bars: KL < 0.3 on every axis (a guide of the right shape with mode masses w and
     1 - w has KL = w log 2w + (1 - w) log 2(1 - w), 0.3 at w = 0.86) and a mean over the

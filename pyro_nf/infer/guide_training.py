@@ -199,11 +199,12 @@ def fit_guide(
     beta rising linearly from ``anneal_start`` to 1: the guide spreads over every mode
     of the posterior while it is wide and keeps them as they separate (Rezende and
     Mohamed, 2015, annealed the same way). ``budget`` picks the preset of
-    :data:`GUIDE_BUDGETS`; every other argument given overrides that preset's entry. An update whose loss or gradient is
-    not finite is refused (the parameters keep the values of the last good update, as
-    in :func:`~pyro_nf.infer.fit`); after :data:`MAX_REFUSED_UPDATES` refusals in a row
-    training stops with :class:`~pyro_nf.infer.NonFiniteLossError`, the guide holding
-    its last good parameters (``error.guide``).
+    :data:`GUIDE_BUDGETS`; every other argument given overrides that preset's entry. An
+    update whose loss or gradient is not finite is refused (the parameters keep the
+    values of the last good update, as in :func:`~pyro_nf.infer.fit`); after
+    :data:`MAX_REFUSED_UPDATES` refusals in a row training stops with
+    :class:`~pyro_nf.infer.NonFiniteLossError`, the guide holding its last good
+    parameters (``error.guide``).
 
     The guide's parameters live in Pyro's param store (clear it first if a guide named
     ``AutoFlow`` was trained on another model). Draws use Pyro's global random state
@@ -213,8 +214,9 @@ def fit_guide(
         model: a Pyro model with continuous latent sites.
         *args, **kwargs: the model's arguments.
         budget: ``"default"`` (AutoFlow's defaults, the suite's 1000 steps of 8
-            particles, the first 200 annealed) or ``"high"`` (real NVP with 8 coupling layers of ``(128, 128)``,
-            64 particles, the path-derivative gradient, 10,000 steps at a fixed lr 1e-3).
+            particles, the first 200 annealed) or ``"high"`` (real NVP with 8 coupling
+            layers of ``(128, 128)``, 64 particles, the path-derivative gradient, 10,000
+            steps at a fixed lr 1e-3).
         flow, flow_options: the guide's family and builder options (with
             ``AutoFlow``'s own ``init_scale``, ``base`` and ``init_loc_fn``).
         steps, num_particles, lr, final_lr: the optimization.
