@@ -4,6 +4,7 @@ and ``fit_guide`` (pyro_nf.infer.guide_training)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -519,6 +520,29 @@ def test_fit_guide_keeps_the_last_good_parameters_on_a_non_finite_loss():
     assert raised.value.step == MAX_REFUSED_UPDATES - 1
     trained = raised.value.guide.state_dict()
     assert all(torch.equal(trained[k], initial[k]) for k in initial)  # no update was made
+
+
+def test_fit_guide_refusing_its_first_update_trains_on_without_a_scheduler_warning():
+    """A non-finite first loss is refused; training goes on at the schedule's learning
+    rate for the step count, without torch's "scheduler step before optimizer step"
+    warning (the schedule follows the steps, refused ones included)."""
+    broken = []
+
+    def model_broken_once() -> None:
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        if z.dim() > 1 and not broken:  # step 0: the first call with a particle batch
+            broken.append(True)
+            pyro.factor("broken", z.sum(-1) * 0.0 - math.inf)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide = fit_guide(model_broken_once, steps=5, flow_options=SMALL, losses=losses)
+    assert not any("lr_scheduler.step()" in str(w.message) for w in caught), caught
+    assert not math.isfinite(losses[0]) and all(math.isfinite(loss) for loss in losses[1:])
+    assert isinstance(guide, AutoFlow)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ Example:
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -315,8 +317,15 @@ def fit_guide(
             )
             error.guide = guide
             raise error
-        decay.step()
+        with warnings.catch_warnings():
+            # The schedule follows the step count, refused updates included; after a
+            # refused first update torch warns of a scheduler step before any update.
+            warnings.filterwarnings("ignore", _SCHEDULER_FIRST_MESSAGE, UserWarning)
+            decay.step()
     return guide
+
+
+_SCHEDULER_FIRST_MESSAGE = re.escape("Detected call of `lr_scheduler.step()` before")
 
 
 def _positive(kind: type, name: str, value: Any) -> Any:
