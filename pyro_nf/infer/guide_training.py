@@ -230,9 +230,9 @@ def fit_guide(
             0.5: over seeds 0-8 (iaf, 1000 steps) it tied training without annealing
             on the banana, the funnel and both schools (within 0.002 nats of KL or
             ELBO), took the two-mode target's mean KL from 0.299 to 0.154 over 24
-            cells (seeds 0-5; one mode kept in 1 cell against 7) and gained 0.40 and
-            0.19 nats on the logistic regression and radon (seeds 0-2); from beta 0.1
-            instead it lost the funnel (KL +0.08). With ``flow="maf"`` it also won or
+            cells (seeds 0-5; one mode kept in 1 cell against 7) and gained 0.33 and
+            0.18 nats on the logistic regression and radon (ahead at each of seeds
+            0-5); from beta 0.1 instead it lost the funnel (KL +0.08). With ``flow="maf"`` it also won or
             tied on every target (seeds 0-2); with ``flow="realnvp"`` it gained 1.1
             nats on radon and 0.06 of KL on the two-mode target and lost 0.011 and
             0.032 nats of KL on the banana and the funnel, so ``anneal=0`` is the
