@@ -426,8 +426,8 @@ def train_fit_guide(
 ) -> tuple[AutoFlow, float, bool]:
     """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
     gradient), with the preset's family unless ``flow`` names another;
-    ``--budget-steps``, ``--anneal`` and ``--anneal-start`` override the preset's steps
-    and annealing."""
+    ``--budget-steps``, ``--anneal``, ``--anneal-start`` and ``--gradient-clip`` override
+    the preset's steps, annealing and clamp."""
     start = time.perf_counter()
     try:
         anneal, anneal_start = annealing(args, GUIDE_BUDGETS[budget])
@@ -438,6 +438,7 @@ def train_fit_guide(
             steps=args.budget_steps,
             anneal=anneal,
             anneal_start=anneal_start,
+            gradient_clip=getattr(args, "gradient_clip", None),
             max_plate_nesting=1,
         )
     except NonFiniteLossError as error:
@@ -631,6 +632,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         type=int,
         default=None,
         help="steps of the fit_guide(<budget>) guides (default: the preset's)",
+    )
+    parser.add_argument(
+        "--gradient-clip",
+        type=float,
+        default=None,
+        help="clamp of each gradient element of the fit_guide(<budget>) guides (Pyro's "
+        "ClippedAdam clamps at 10; default: the preset's, none)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--float64", action="store_true", help="train in double precision")

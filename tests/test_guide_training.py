@@ -20,6 +20,7 @@ from pyro_nf.infer import (
     NonFiniteLossError,
     annealed_inverse_temperature,
     fit_guide,
+    guide_training,
     temper_likelihood,
 )
 from pyro_nf.infer.autoguide import (
@@ -40,6 +41,7 @@ from pyro_nf.infer.autoguide import (
 )
 from pyro_nf.infer.guide_training import MAX_REFUSED_UPDATES
 from pyro_nf.infer.targets import twisted_gaussian
+from pyro_nf.infer.training import optimization_step
 from pyro_nf.transforms import ContinuousFlow
 
 SMALL = {"num_layers": 2, "hidden_dims": (8,)}
@@ -554,11 +556,58 @@ def test_fit_guide_refusing_its_first_update_trains_on_without_a_scheduler_warni
         ({"anneal": -0.1}, "anneal must be a fraction"),
         ({"anneal": True}, "anneal must be a fraction"),
         ({"anneal_start": 0.0}, r"anneal_start must be in \(0, 1\], got 0.0"),
+        ({"gradient_clip": 0.0}, r"gradient_clip must be positive \(inf: no clamp\)"),
+        ({"gradient_clip": math.nan}, "gradient_clip must be positive"),
+        ({"gradient_clip": "10"}, "gradient_clip must be positive"),
     ],
 )
 def test_fit_guide_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_guide(gaussian_model, **kwargs)
+
+
+def test_optimization_step_clamps_gradient_elements_after_the_finiteness_check():
+    """``gradient_clip`` clamps each element of a finite gradient (as Pyro's
+    ``ClippedAdam``); an infinite gradient is still refused, not clamped into an
+    update."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    sgd = torch.optim.SGD([weight], lr=1.0)
+    loss = (weight * torch.tensor([100.0, -0.5, -30.0])).sum()
+    assert optimization_step(loss, sgd, gradient_clip=10.0) is None
+    assert torch.equal(weight.detach(), torch.tensor([-10.0, 0.5, 10.0]))
+
+    at_zero = torch.nn.Parameter(torch.zeros(1))
+    sgd = torch.optim.SGD([at_zero], lr=1.0)
+    loss = torch.sqrt(at_zero).sum()  # finite loss, infinite gradient
+    assert optimization_step(loss, sgd, gradient_clip=10.0) == "gradient"
+    assert torch.equal(at_zero.detach(), torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, math.inf),
+        ({"budget": "high"}, math.inf),
+        ({"gradient_clip": 10.0}, 10.0),
+        ({"budget": "high", "gradient_clip": 5}, 5.0),
+    ],
+)
+def test_fit_guide_clamps_gradients_only_when_asked(monkeypatch, kwargs, expected):
+    """Neither preset clamps the gradient (the clamp at 10 of Pyro's ``ClippedAdam``
+    did not win on every target); ``gradient_clip`` turns the clamp on."""
+    clips = []
+
+    def recording_step(loss, optimizer, **options):
+        clips.append(options["gradient_clip"])
+        return optimization_step(loss, optimizer, **options)
+
+    monkeypatch.setattr(guide_training, "optimization_step", recording_step)
+    pyro.clear_param_store()
+    options = {"steps": 2, "num_particles": 2, "flow_options": SMALL}
+    fit_guide(
+        lambda: pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1)), **options, **kwargs
+    )
+    assert clips == [expected, expected]
 
 
 @pytest.mark.parametrize("dim", [2, GUIDE_SMALL_MAX_DIM + 1])

@@ -198,26 +198,27 @@ def test_quick_run_of_the_training_options():
         suite.make_objective("kl", 8)
 
 
-def test_anneal_flags_reach_fit_guide_rows(monkeypatch):
-    """``--anneal`` and ``--anneal-start`` train the fit_guide rows too; without them
-    fit_guide gets its preset's annealing (the default's: a fifth of the steps from
-    beta 0.5)."""
+def test_anneal_and_clip_flags_reach_fit_guide_rows(monkeypatch):
+    """``--anneal``, ``--anneal-start`` and ``--gradient-clip`` train the fit_guide rows
+    too; without them fit_guide gets its preset's annealing (the default's: a fifth of
+    the steps from beta 0.5) and clamp (None: the preset's)."""
     suite = load_suite()
     calls = []
     real_fit_guide = suite.fit_guide
 
     def recording_fit_guide(model, **kwargs):
-        calls.append({"anneal": kwargs["anneal"], "anneal_start": kwargs["anneal_start"]})
+        names = ("anneal", "anneal_start", "gradient_clip")
+        calls.append({name: kwargs[name] for name in names})
         return real_fit_guide(model, **kwargs)
 
     monkeypatch.setattr(suite, "fit_guide", recording_fit_guide)
     command = ["--quick", "--targets", "bimodal", "--guides", "fit_guide(default)"]
-    suite.main([*command, "--anneal", "0.2", "--anneal-start", "0.5"])
+    suite.main([*command, "--anneal", "0.2", "--anneal-start", "0.5", "--gradient-clip", "10"])
     suite.main(command)
     preset = suite.GUIDE_BUDGETS["default"]
     assert calls == [
-        {"anneal": 0.2, "anneal_start": 0.5},
-        {"anneal": preset["anneal"], "anneal_start": preset["anneal_start"]},
+        {"anneal": 0.2, "anneal_start": 0.5, "gradient_clip": 10.0},
+        {"anneal": preset["anneal"], "anneal_start": preset["anneal_start"], "gradient_clip": None},
     ]
 
 

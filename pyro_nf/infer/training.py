@@ -275,6 +275,7 @@ def optimization_step(
     *,
     backward: Callable[[Tensor], None] | None = None,
     all_agree: Callable[[bool], bool] | None = None,
+    gradient_clip: float = math.inf,
 ) -> str | None:
     """One optimizer update on ``loss``, refused when the loss or a gradient is not finite.
 
@@ -286,6 +287,9 @@ def optimization_step(
         all_agree: reduces a per-process "finite" decision to one shared by all
             processes (default: the identity, one process), so that processes skip an
             update together.
+        gradient_clip: every gradient element is clamped to ``[-gradient_clip,
+            gradient_clip]`` before the update, after the finiteness check (Pyro's
+            ``ClippedAdam`` clamps the same way, its ``clip_norm``); ``inf``: none.
 
     Returns:
         None after an update; ``"loss"`` or ``"gradient"`` when the update was refused
@@ -305,6 +309,10 @@ def optimization_step(
     if not agree(gradients_finite(parameters)):
         optimizer.zero_grad()
         return "gradient"
+    if gradient_clip < math.inf:
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.clamp_(-gradient_clip, gradient_clip)
     optimizer.step()
     return None
 
