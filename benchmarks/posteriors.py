@@ -34,8 +34,8 @@ where log Z is known, ``err`` = mean over coordinates of ``|E_q - E_true| / sd_t
 
 The ``fit_guide(BUDGET)`` rows (not in the default list) train by
 ``pyro_nf.infer.fit_guide`` at that preset instead (``fit_guide(default:FAMILY)``: the
-default budget with another family), annealed as the preset says unless ``--anneal``
-is given.
+default budget with another family), annealed and with the gradient clamped as the
+preset says unless ``--anneal`` or ``--gradient-clip`` is given.
 """
 
 from __future__ import annotations
