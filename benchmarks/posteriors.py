@@ -637,8 +637,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--gradient-clip",
         type=float,
         default=None,
-        help="clamp of each gradient element of the fit_guide(<budget>) guides (Pyro's "
-        "ClippedAdam clamps at 10; default: the preset's, none)",
+        help="clamp of each gradient element of the fit_guide(<budget>) guides, inf: none "
+        "(default: the preset's; default 10, as Pyro's ClippedAdam, high none)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--float64", action="store_true", help="train in double precision")
