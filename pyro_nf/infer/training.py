@@ -310,9 +310,7 @@ def optimization_step(
         optimizer.zero_grad()
         return "gradient"
     if gradient_clip < math.inf:
-        for parameter in parameters:
-            if parameter.grad is not None:
-                parameter.grad.clamp_(-gradient_clip, gradient_clip)
+        torch.nn.utils.clip_grad_value_(parameters, gradient_clip)
     optimizer.step()
     return None
 
