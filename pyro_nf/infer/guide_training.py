@@ -89,6 +89,10 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
 #: Consecutive refused (non-finite) updates after which :func:`fit_guide` stops.
 MAX_REFUSED_UPDATES = 20
 
+#: The start of torch's warning when a learning-rate scheduler steps before any
+#: optimizer update (as after a refused first update), which :func:`fit_guide` silences.
+_SCHEDULER_FIRST_MESSAGE = re.escape("Detected call of `lr_scheduler.step()` before")
+
 
 class _ScaleObserved(Messenger):
     """Multiplies the log-density of every observed site (data and ``pyro.factor``)."""
@@ -343,9 +347,6 @@ def fit_guide(
             warnings.filterwarnings("ignore", _SCHEDULER_FIRST_MESSAGE, UserWarning)
             decay.step()
     return guide
-
-
-_SCHEDULER_FIRST_MESSAGE = re.escape("Detected call of `lr_scheduler.step()` before")
 
 
 def _gradient_clip(value: Any) -> float:
