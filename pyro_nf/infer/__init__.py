@@ -31,6 +31,7 @@ from pyro_nf.infer.guide_training import (
     fit_guide,
     temper_likelihood,
 )
+from pyro_nf.infer.mixture import EqualMixture
 from pyro_nf.infer.training import FIT_OBJECTIVES, FitHistory, NonFiniteLossError, fit
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "AmortizedFlowGuide",
     "ArrayDataset",
     "AutoFlow",
+    "EqualMixture",
     "FeatureEncoder",
     "FitHistory",
     "NonFiniteLossError",

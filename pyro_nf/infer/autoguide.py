@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import pyro
@@ -43,6 +44,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
 from pyro_nf.flows import FLOW_BUILDERS, FLOW_STUDENT_T_INIT_DF, Flow, flow_builder
+from pyro_nf.infer.mixture import EqualMixture
 from pyro_nf.transforms.base import FlowTransform
 
 __all__ = [
@@ -515,6 +517,17 @@ class AutoFlow(AutoContinuous):
             iaf by less than their seed-to-seed noise; for real NVP it lost the banana,
             the funnel and the bimodal target in one-seed runs
             (``docs/benchmarks/posteriors.md``).
+        components: ``K``, the number of flows in the guide. ``1`` (the default) is
+            one flow. ``K > 1`` is the equal-weight mixture
+            :math:`q = \frac1K \sum_k q_k` of ``K`` flows of the same build, each
+            with its own flow layers, ``mu``, ``sigma`` (and ``W``, ``nu``), drawn
+            stratified (:class:`~pyro_nf.infer.EqualMixture`; parameters ``flow_k``,
+            ``loc_k``, ... for ``k >= 1``): a guide that can put whole components on
+            separate modes of a posterior. It costs about ``K`` times the parameters
+            and, per step, ``K`` inverse passes of every draw (each draw is scored under
+            every component; ``D`` sequential passes per layer for ``"iaf"``). Such a
+            guide is not one map of one base, so ``get_transform`` (and
+            ``NeuTraReparam``) needs ``components=1``.
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an
             ``"iaf"`` or ``"maf"`` guide of up to 16 latents alternates affine and
@@ -526,16 +539,19 @@ class AutoFlow(AutoContinuous):
             stack.
 
     Raises:
-        ValueError: for an unknown flow name, base or gradient, or a non-positive
-            ``init_scale`` or an unknown ``affine`` (at construction), for a flow that cannot be built at the latent dimension,
-            e.g. ``"realnvp"`` for a single latent dimension (at the first call).
+        ValueError: for an unknown flow name, base or gradient, a non-positive
+            ``init_scale`` or ``components``, or an unknown ``affine`` (at
+            construction); for a flow that cannot be built at the latent dimension,
+            e.g. ``"realnvp"`` for a single latent dimension, or for a flow callable
+            that returns one module for two components (at the first call).
 
     References:
         Variational Inference with Normalizing Flows (Rezende and Mohamed, 2015),
         arXiv:1505.05770. Improved Variational Inference with Inverse Autoregressive
         Flow (Kingma et al., 2016), arXiv:1606.04934. Sticking the Landing: Simple,
         Lower-Variance Gradient Estimators for Variational Inference (Roeder et al.,
-        2017), arXiv:1703.09194.
+        2017), arXiv:1703.09194. Automatic Differentiation Variational Inference with
+        Mixtures (Morningstar et al., 2021), arXiv:2003.01687.
 
     Example:
         >>> def model():
@@ -562,8 +578,11 @@ class AutoFlow(AutoContinuous):
         base: str = "normal",
         gradient: str | None = None,
         affine: str | None = None,
+        components: int = 1,
         **flow_kwargs: Any,
     ) -> None:
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be a positive integer, got {components!r}")
         if affine is not None and affine not in GUIDE_AFFINES:
             raise ValueError(f"affine must be one of {GUIDE_AFFINES}, got {affine!r}")
         if base not in GUIDE_BASES:
@@ -592,6 +611,7 @@ class AutoFlow(AutoContinuous):
         self._flow_spec = flow
         self._flow_kwargs = flow_kwargs
         self._init_scale = float(init_scale)
+        self._components = components
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _build_flow(self, dim: int) -> Transform | Flow:
@@ -634,30 +654,57 @@ class AutoFlow(AutoContinuous):
         defaults = guide_training_defaults(family, self.latent_dim)
         self._affine = self._affine_option or defaults["affine"]
         self._gradient = self._gradient_option or defaults["gradient"]
+        for component in range(self._components):
+            self._add_component(component, init_loc)
+
+    def _add_component(self, component: int, init_loc: Tensor) -> None:
+        """Build one component's flow and its parameters, named by
+        :func:`_component_attribute` (``flow``, ``loc``, ``scale``, ... for component 0;
+        ``flow_1``, ``loc_1``, ... for component 1)."""
+        name = partial(_component_attribute, component=component)
         built = self._build_flow(self.latent_dim)
         if isinstance(built, nn.Module):
+            if any(built is self._component(earlier, "flow") for earlier in range(component)):
+                raise ValueError(
+                    "the flow callable returned the same module for two components; with "
+                    "components > 1 it must build a new flow at each call"
+                )
             # Parameters and buffers follow the model's init locations (device, dtype).
             built = built.to(device=init_loc.device, dtype=init_loc.dtype)
         shape = init_loc.shape
-        _check_stored_shapes({_param_name(self, "loc"): shape, _param_name(self, "scale"): shape})
+        _check_stored_shapes(
+            {_param_name(self, name("loc")): shape, _param_name(self, name("scale")): shape}
+        )
         if isinstance(built, nn.Module):
-            _adopt_stored_parameters(_param_name(self, "flow"), built)
-        self.flow = built
-        self.loc = nn.Parameter(init_loc)
-        self.scale = PyroParam(torch.full_like(init_loc, self._init_scale), self.scale_constraint)
+            _adopt_stored_parameters(_param_name(self, name("flow")), built)
+        setattr(self, name("flow"), built)
+        setattr(self, name("loc"), nn.Parameter(init_loc.clone()))
+        setattr(
+            self,
+            name("scale"),
+            PyroParam(torch.full_like(init_loc, self._init_scale), self.scale_constraint),
+        )
         if self._affine == "triangular":
             dim = init_loc.numel()
             zeros = init_loc.new_zeros(dim, dim)
-            _check_stored_shapes({_param_name(self, "scale_tril_offdiag"): zeros.shape})
-            self.scale_tril_offdiag = nn.Parameter(zeros)
+            _check_stored_shapes({_param_name(self, name("scale_tril_offdiag")): zeros.shape})
+            setattr(self, name("scale_tril_offdiag"), nn.Parameter(zeros))
         if self._base == "student_t":
-            _check_stored_shapes({_param_name(self, "base_df"): shape})
-            self.base_df = PyroParam(
-                torch.full_like(init_loc, STUDENT_T_INIT_DF), constraints.greater_than(1.0)
+            _check_stored_shapes({_param_name(self, name("base_df")): shape})
+            setattr(
+                self,
+                name("base_df"),
+                PyroParam(
+                    torch.full_like(init_loc, STUDENT_T_INIT_DF), constraints.greater_than(1.0)
+                ),
             )
 
-    def _flow_layers(self) -> list[Transform]:
-        flow = self.flow
+    def _component(self, component: int, attribute: str) -> Any:
+        """One component's ``flow``, ``loc``, ``scale``, ``scale_tril_offdiag`` or ``base_df``."""
+        return getattr(self, _component_attribute(attribute, component))
+
+    def _flow_layers(self, component: int = 0) -> list[Transform]:
+        flow = self._component(component, "flow")
         if isinstance(flow, Flow):
             return flow.layers
         if isinstance(flow, ComposeTransform):
@@ -666,40 +713,73 @@ class AutoFlow(AutoContinuous):
 
     def get_base_dist(self) -> dist.Distribution:
         """The base of ``u``: ``N(0, I_D)``, or independent ``StudentT(nu_d, 0, 1)`` for
-        ``base="student_t"``, on the guide's device and dtype."""
+        ``base="student_t"``, on the guide's device and dtype.
+
+        Raises:
+            ValueError: for a mixture guide (``components > 1``), whose posterior is not
+                one map of one base.
+        """
+        self._check_single_map("get_base_dist")
         return self._base_dist(detach=False)
 
-    def _base_dist(self, detach: bool) -> dist.Distribution:
-        loc = self.loc
+    def _base_dist(self, detach: bool, component: int = 0) -> dist.Distribution:
+        loc = self._component(component, "loc")
         zeros, ones = torch.zeros_like(loc).detach(), torch.ones_like(loc).detach()
         if self._base == "student_t":
-            df = self.base_df.detach() if detach else self.base_df
-            return dist.StudentT(df, zeros, ones).to_event(1)
+            df = self._component(component, "base_df")
+            return dist.StudentT(df.detach() if detach else df, zeros, ones).to_event(1)
         return dist.Normal(zeros, ones).to_event(1)
 
     def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
-        """The map from the base ``u`` to the unconstrained latent (flow, then affine)."""
+        """The map from the base ``u`` to the unconstrained latent (flow, then affine).
+
+        Raises:
+            ValueError: for a mixture guide (``components > 1``), whose posterior is not
+                one map of one base (so it cannot reparametrize a model for
+                ``NeuTraReparam``).
+        """
+        self._check_single_map("get_transform")
         return ComposeTransform([*self._flow_layers(), self._affine_layer(detach=False)])
 
-    def _affine_layer(self, detach: bool) -> Transform:
-        loc, scale = self.loc, self.scale
+    def _check_single_map(self, method: str) -> None:
+        if self._components > 1:
+            raise ValueError(
+                f"AutoFlow.{method}() needs a guide of one flow, but this guide is an "
+                f"equal-weight mixture of components={self._components} flows; build the "
+                "guide with components=1 to use it with NeuTraReparam"
+            )
+
+    def _affine_layer(self, detach: bool, component: int = 0) -> Transform:
+        loc, scale = self._component(component, "loc"), self._component(component, "scale")
         if detach:
             loc, scale = loc.detach(), scale.detach()
         if self._affine == "triangular":
-            offdiag = self.scale_tril_offdiag.detach() if detach else self.scale_tril_offdiag
+            offdiag = self._component(component, "scale_tril_offdiag")
+            offdiag = offdiag.detach() if detach else offdiag
             return TriangularAffine(loc, triangular_scale(scale, offdiag), cache_size=1)
         return AffineTransform(loc, scale, event_dim=1, cache_size=1)
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
-        """The posterior over the unconstrained latent vector, a ``TransformedDistribution``."""
-        transform = self.get_transform(*args, **kwargs)
-        if self._gradient == "path":
-            return PathDerivativeDistribution(
-                self.get_base_dist(), transform.parts, self._detached_log_prob
-            )
-        return dist.TransformedDistribution(self.get_base_dist(), transform.parts)
+    def get_posterior(
+        self, *args: Any, **kwargs: Any
+    ) -> dist.TransformedDistribution | EqualMixture:
+        """The posterior over the unconstrained latent vector: a
+        ``TransformedDistribution`` (a :class:`PathDerivativeDistribution` with
+        ``gradient="path"``), or for ``components=K > 1`` the :class:`EqualMixture` of
+        ``K`` of them."""
+        if self._components == 1:
+            return self._component_posterior(0)
+        return EqualMixture([self._component_posterior(k) for k in range(self._components)])
 
-    def _detached_log_prob(self, x: Tensor) -> Tensor:
+    def _component_posterior(self, component: int) -> dist.TransformedDistribution:
+        """One component's flow posterior: its base through its flow and affine layer."""
+        layers = [*self._flow_layers(component), self._affine_layer(False, component)]
+        base = self._base_dist(detach=False, component=component)
+        if self._gradient == "path":
+            score = partial(self._detached_log_prob, component=component)
+            return PathDerivativeDistribution(base, layers, score)
+        return dist.TransformedDistribution(base, layers)
+
+    def _detached_log_prob(self, x: Tensor, component: int = 0) -> Tensor:
         """``log q(x)`` computed with every guide parameter detached (x -> u, no cache).
 
         The value equals the guide's ``log_prob``; its gradient reaches the parameters
@@ -707,17 +787,16 @@ class AutoFlow(AutoContinuous):
         pass per layer for ``"realnvp"`` and ``"maf"``, ``D`` sequential passes per
         layer for ``"iaf"``, an ODE solve for ``"cnf"``.
         """
-        affine = self._affine_layer(detach=True).with_cache(0)
-        base = self._base_dist(detach=True)
+        affine = self._affine_layer(detach=True, component=component).with_cache(0)
+        base = self._base_dist(detach=True, component=component)
         # A fresh tensor: the layers' caches would answer ``x`` with the ``u`` of the
         # draw, whose graph reaches the live parameters.
         fresh = x.clone()
-        flow = self.flow
+        flow = self._component(component, "flow")
+        layers = partial(self._flow_layers, component)
         if not isinstance(flow, nn.Module):
-            return dist.TransformedDistribution(base, [*self._flow_layers(), affine]).log_prob(
-                fresh
-            )
-        scorer = _DetachedScorer(flow, self._flow_layers)
+            return dist.TransformedDistribution(base, [*layers(), affine]).log_prob(fresh)
+        scorer = _DetachedScorer(flow, layers)
         detached = {f"flow.{name}": p.detach() for name, p in flow.named_parameters()}
         return torch.func.functional_call(scorer, detached, (fresh, base, affine), strict=False)
 
@@ -925,6 +1004,12 @@ class _DetachedScorer(nn.Module):
 
     def forward(self, x: Tensor, base: dist.Distribution, affine: Transform) -> Tensor:
         return dist.TransformedDistribution(base, [*self._layers(), affine]).log_prob(x)
+
+
+def _component_attribute(attribute: str, component: int) -> str:
+    """The attribute name of a mixture component's parameter or flow: ``attribute`` for
+    component 0 (a one-flow guide's names), ``attribute_k`` for component ``k``."""
+    return attribute if component == 0 else f"{attribute}_{component}"
 
 
 def _param_name(guide: AutoGuide, attribute: str) -> str:
