@@ -127,6 +127,9 @@ class EqualMixture(dist.TorchDistribution):
         return counts.to(device) if device is not None else counts
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        """Stratified reparametrized draws, shape ``sample_shape + batch_shape + E``:
+        component ``k`` gives ``component_counts(n)[k]`` of the ``n`` draws, in random
+        positions."""
         shape = torch.Size(sample_shape) + self.batch_shape
         num_draws = shape.numel()
         counts = self.component_counts(num_draws).tolist()
@@ -141,10 +144,13 @@ class EqualMixture(dist.TorchDistribution):
         return draws[order].reshape(shape + self.event_shape)
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        """:meth:`rsample` without a graph."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        """``log q(value) = logsumexp_k log q_k(value) - log K``, shape
+        ``value.shape[:-len(E)]`` broadcast with ``batch_shape``."""
         scores = torch.stack([component.log_prob(value) for component in self.components], -1)
         log_q = torch.logsumexp(scores, -1) - math.log(self.num_components)
         return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
