@@ -8,6 +8,8 @@ Targets (latent dimension D in the unconstrained space):
 - ``bimodal`` (2): an equal mixture of ``N((+-2, 0), 0.5^2 I)``; closed form.
   ``bimodal@DEG`` (not in the default list) turns the modes' axis by ``DEG`` degrees,
   to ``+-2 (cos, sin)``: a guide's chance to cover both modes depends on that axis.
+  ``lopsided`` and ``lopsided@DEG`` (not in the default list): the same two modes with
+  masses 3/4 (at ``+c``) and 1/4, so a guide must also get the masses right.
 - ``schools_c`` / ``schools_nc`` (10): eight schools, centred and non-centred.
 - ``logistic`` (31): Bayesian logistic regression on the breast-cancer data bundled
   with scikit-learn (30 standardised features and an intercept, ``N(0, 1)`` priors).
@@ -108,6 +110,8 @@ class Problem:
 
 #: The two-mode target: modes at +-BIMODAL_SHIFT along its axis, each N(., BIMODAL_SCALE^2 I).
 BIMODAL_SHIFT, BIMODAL_SCALE = 2.0, 0.5
+#: The mass of the ``+c`` mode of the ``lopsided`` target (the ``bimodal`` one has 1/2).
+LOPSIDED_WEIGHT = 0.75
 
 
 def _bimodal_axis(angle: float) -> tuple[float, float]:
@@ -116,21 +120,29 @@ def _bimodal_axis(angle: float) -> tuple[float, float]:
     return math.cos(radians), math.sin(radians)
 
 
-def _bimodal_log_density(x: Tensor, angle: float = 0.0) -> Tensor:
-    """Log-density of ``0.5 N(-c, s^2 I) + 0.5 N(c, s^2 I)``, with the modes' centre
-    ``c = BIMODAL_SHIFT (cos angle, sin angle)`` (``angle`` in degrees) and
-    ``s = BIMODAL_SCALE``."""
+def _bimodal_log_density(x: Tensor, angle: float = 0.0, weight: float = 0.5) -> Tensor:
+    """Log-density of ``w N(c, s^2 I) + (1 - w) N(-c, s^2 I)``, with the modes' centre
+    ``c = BIMODAL_SHIFT (cos angle, sin angle)`` (``angle`` in degrees),
+    ``s = BIMODAL_SCALE`` and ``w = weight``."""
     centre = BIMODAL_SHIFT * torch.tensor(_bimodal_axis(angle), dtype=x.dtype).to(x.device)
     component = dist.Normal(0.0, BIMODAL_SCALE).expand([2]).to_event(1)
-    both = torch.stack([component.log_prob(x - centre), component.log_prob(x + centre)])
+    # log(2w) and log(2(1 - w)) are exactly 0 at w = 1/2: the equal mixture's values
+    # are those of its earlier form, logsumexp(...) - log 2, to the bit.
+    both = torch.stack(
+        [
+            component.log_prob(x - centre) + math.log(2 * weight),
+            component.log_prob(x + centre) + math.log(2 * (1 - weight)),
+        ]
+    )
     return torch.logsumexp(both, 0) - math.log(2.0)
 
 
-def bimodal_model(angle: float = 0.0) -> None:
+def bimodal_model(angle: float = 0.0, weight: float = 0.5) -> None:
     """The 2-D mixture as a model: a ``N(0, I)`` site and a factor to the mixture."""
     prior = dist.Normal(0.0, 1.0).expand([2]).to_event(1)
     x = pyro.sample("x", prior)
-    pyro.factor("log_density", _bimodal_log_density(x, angle=angle) - prior.log_prob(x))
+    log_density = _bimodal_log_density(x, angle=angle, weight=weight)
+    pyro.factor("log_density", log_density - prior.log_prob(x))
 
 
 SCHOOLS_Y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
@@ -250,12 +262,20 @@ def make_problems(names: list[str]) -> dict[str, Problem]:
             problem = _closed_form(
                 Problem(name, target.model, 10, target.log_normalizer), [0.0] * 10, sd
             )
-        elif name == "bimodal" or name.startswith("bimodal@"):
-            # Var x_i = shift^2 u_i^2 + scale^2 with u the modes' unit axis; log Z = 0.
-            angle = float(name.partition("@")[2] or 0.0)
-            sd = [math.hypot(BIMODAL_SHIFT * u, BIMODAL_SCALE) for u in _bimodal_axis(angle)]
-            model = partial(bimodal_model, angle) if angle else bimodal_model
-            problem = _closed_form(Problem(name, model, 2, 0.0), [0, 0], sd)
+        elif name.partition("@")[0] in ("bimodal", "lopsided"):
+            # With d = 2w - 1 (w the +c mode's mass) and u the modes' unit axis:
+            # E x_i = shift u_i d, Var x_i = shift^2 u_i^2 (1 - d^2) + scale^2; log Z = 0.
+            family, _, turned = name.partition("@")
+            angle = float(turned or 0.0)
+            weight = LOPSIDED_WEIGHT if family == "lopsided" else 0.5
+            skew = 2 * weight - 1
+            axis = _bimodal_axis(angle)
+            mean = [BIMODAL_SHIFT * u * skew for u in axis]
+            sd = [
+                math.hypot(BIMODAL_SHIFT * u * math.sqrt(1 - skew**2), BIMODAL_SCALE) for u in axis
+            ]
+            model = partial(bimodal_model, angle, weight) if angle or skew else bimodal_model
+            problem = _closed_form(Problem(name, model, 2, 0.0), mean, sd)
         elif name == "schools_c":
             problem = load_reference(Problem(name, schools_centred, 10))
         elif name == "schools_nc":

@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from scripts import load_script
@@ -82,6 +84,50 @@ def test_turned_bimodal_target_is_the_same_mixture_on_another_axis(angle):
     expected = suite._bimodal_log_density(points)
     assert torch.allclose(suite._bimodal_log_density(points @ rotation.T, angle=angle), expected)
     assert problem.log_z == 0.0
+
+
+@pytest.mark.parametrize("angle", [0.0, 45.0, 120.0])
+def test_lopsided_target_has_three_quarters_of_its_mass_on_the_plus_mode(angle):
+    """``lopsided@DEG``: the two modes with masses 3/4 at +c and 1/4 at -c; its stated
+    moments, its normalizer and the split of its mass checked by a grid sum."""
+    suite = load_suite()
+    name = f"lopsided@{angle:g}" if angle else "lopsided"
+    problem = suite.make_problems([name])[name]
+    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+    log_density = suite._bimodal_log_density(x, angle=angle, weight=suite.LOPSIDED_WEIGHT)
+    weights = log_density.exp() * (grid[1] - grid[0]) ** 2
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
+    axis = torch.tensor(suite._bimodal_axis(angle), dtype=torch.float64)
+    # Each mode leaves Phi(-shift / scale) = Phi(-4) of its mass across the midline.
+    crossing = 0.5 * math.erfc(4 / math.sqrt(2))
+    plus_side = 0.75 * (1 - crossing) + 0.25 * crossing
+    assert float(weights[(x @ axis) > 0].sum()) == pytest.approx(plus_side, abs=5e-6)
+    mean = (weights[..., None] * x).sum((0, 1))
+    sd = ((weights[..., None] * x.pow(2)).sum((0, 1)) - mean.pow(2)).sqrt()
+    assert torch.allclose(mean.float(), problem.mean.float(), atol=1e-4)
+    assert torch.allclose(sd.float(), problem.sd.float(), atol=1e-4)
+    assert problem.log_z == 0.0
+    # The model's density is the target's: its factor plus the N(0, I) prior.
+    trace = pyro.poutine.trace(problem.model).get_trace()
+    value = trace.nodes["x"]["value"]
+    log_joint = trace.log_prob_sum()
+    torch.testing.assert_close(
+        log_joint, suite._bimodal_log_density(value, angle=angle, weight=0.75)
+    )
+
+
+def test_the_equal_mixture_is_unchanged_by_the_mass_argument():
+    """At w = 1/2 the density is its earlier form, logsumexp(...) - log 2, to the bit (the
+    documented cells reproduce)."""
+    suite = load_suite()
+    x = torch.randn(1000, 2)
+    centre = torch.tensor([suite.BIMODAL_SHIFT, 0.0])
+    component = dist.Normal(0.0, suite.BIMODAL_SCALE).expand([2]).to_event(1)
+    earlier = torch.logsumexp(
+        torch.stack([component.log_prob(x - centre), component.log_prob(x + centre)]), 0
+    ) - math.log(2.0)
+    assert torch.equal(suite._bimodal_log_density(x), earlier)
 
 
 def test_funnel_reference_matches_exact_draws():
