@@ -229,3 +229,31 @@ def test_fit_guide_at_its_defaults_holds_both_modes():
     kls = fit_guide_kls_on_the_four_axes(seed=1)
     assert sum(kl < math.log(2.0) - 0.1 for kl in kls) >= 3, kls
     assert sum(kls) / len(kls) < 0.3, kls
+
+
+def test_a_two_flow_mixture_holds_both_modes_with_equal_masses():
+    """``AutoFlow(model, components=2)`` (two iaf flows of the default build, equal
+    weights, stratified draws) trained with the suite's recipe on the two-mode mixture
+    turned to each of the four axes, seed 0: KL below 0.1 in at least three of the four
+    cells.
+
+    Bar: a guide on one mode has KL >= log 2 (0.69); one that holds both with masses w
+    and 1 - w has KL >= w log 2w + (1 - w) log 2(1 - w), 0.1 at w = 0.72. The mixture
+    holds the modes with one component each, so its masses are 1/2 by construction.
+    Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors.md, "A mixture of
+    flows") the iaf mixture had KL below 0.1 in 14 (0.014 to 0.093; the others 0.13 and
+    0.58) and met this bar at every seed; two cells of four above 0.1 has a chance of
+    about 8% at that rate. The one-flow default holds both modes with unequal masses:
+    in the same 16 cells it was below 0.1 in 4, one per seed, and failed the bar at
+    every seed.
+    """
+    suite = load_suite()
+    targets = ["bimodal", "bimodal@45", "bimodal@90", "bimodal@135"]
+    problems = suite.make_problems(targets)
+    make_guide = suite.guide_factories({"components": 2})["AutoFlow(iaf)"]
+    kls = []
+    for target in targets:
+        row = suite.evaluate(problems[target], "AutoFlow(iaf)", make_guide, recipe(1000))
+        assert row["status"] == "ok"
+        kls.append(row["kl"])
+    assert sum(kl < 0.1 for kl in kls) >= 3, kls
