@@ -97,8 +97,9 @@ class EqualMixture(dist.TorchDistribution):
         self.components = components
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
 
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    @property
     def support(self) -> constraints.Constraint:
+        """The components' support (the first component's)."""
         return self.components[0].support
 
     @property
@@ -132,6 +133,8 @@ class EqualMixture(dist.TorchDistribution):
         positions."""
         shape = torch.Size(sample_shape) + self.batch_shape
         num_draws = shape.numel()
+        if num_draws == 0:
+            return self.components[0].rsample(shape)
         counts = self.component_counts(num_draws).tolist()
         draws = torch.cat(
             [
