@@ -112,7 +112,7 @@ class EqualMixture(dist.TorchDistribution):
     ) -> EqualMixture:
         return EqualMixture(self.components, batch_shape, validate_args=False)
 
-    def component_counts(self, num_draws: int, device: torch.device | None = None) -> Tensor:
+    def component_counts(self, num_draws: int) -> Tensor:
         """How many of ``num_draws`` draws each component gives: ``num_draws // K`` each,
         plus one for ``num_draws % K`` components chosen at random (Pyro's and torch's
         global random state), so each component's expected share is exactly ``1 / K``.
@@ -125,7 +125,7 @@ class EqualMixture(dist.TorchDistribution):
         counts = torch.full((self.num_components,), num_draws // self.num_components)
         extra = torch.randperm(self.num_components)[: num_draws % self.num_components]
         counts[extra] += 1
-        return counts.to(device) if device is not None else counts
+        return counts
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
         """Stratified reparametrized draws, shape ``sample_shape + batch_shape + E``:
