@@ -531,7 +531,7 @@ class AutoFlow(AutoContinuous):
             two-mode target (modes of equal mass) two flows take the mean KL of iaf,
             maf and realnvp guides from 0.27-0.28 to 0.08-0.14, ahead of Pyro's spline
             guide (0.38); where the masses are 3/4 and 1/4 the equal weights fit them
-            as halves; on the one-mode small targets they are a trade at 2-8 times the
+            as halves; on the one-mode small targets they are a trade at 2-10 times the
             training time, so the default stays 1 (``docs/benchmarks/posteriors.md``,
             "A mixture of flows").
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
