@@ -44,6 +44,20 @@ def test_banana_reference_matches_exact_draws():
     assert_moments(torch.stack([x1, x2], -1), problem, 0.03)
 
 
+def grid_weights(log_density) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1201 x 1201 grid over [-6, 6]^2 (float64), which holds all the two-mode
+    targets' mass, and each point's mass ``exp(log_density(x)) dx^2``."""
+    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
+    return x, log_density(x).exp() * (grid[1] - grid[0]) ** 2
+
+
+def grid_moments(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd of each coordinate under the grid's point masses."""
+    mean = (weights[..., None] * x).sum((0, 1))
+    return mean, ((weights[..., None] * x.pow(2)).sum((0, 1)) - mean.pow(2)).sqrt()
+
+
 def test_bimodal_reference_and_normalizer():
     suite = load_suite()
     problem = suite.make_problems(["bimodal"])["bimodal"]
@@ -51,9 +65,7 @@ def test_bimodal_reference_and_normalizer():
     draws = torch.stack([2.0 * sign, torch.zeros(200_000)], -1) + 0.5 * torch.randn(200_000, 2)
     assert_moments(draws, problem, 0.03)  # as for the banana: MC error ~0.003 sd
     # log Z = 0: a Riemann sum on a fine grid that holds all the mass.
-    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
-    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
-    mass = suite._bimodal_log_density(x).exp().sum() * (grid[1] - grid[0]) ** 2
+    mass = grid_weights(suite._bimodal_log_density)[1].sum()
     assert float(mass) == pytest.approx(1.0, abs=1e-6)
     assert problem.log_z == 0.0
 
@@ -65,13 +77,9 @@ def test_turned_bimodal_target_is_the_same_mixture_on_another_axis(angle):
     suite = load_suite()
     name = f"bimodal@{angle:g}"
     problem = suite.make_problems([name])[name]
-    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
-    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
-    log_density = suite._bimodal_log_density(x, angle=angle)
-    weights = log_density.exp() * (grid[1] - grid[0]) ** 2
+    x, weights = grid_weights(lambda x: suite._bimodal_log_density(x, angle=angle))
     assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
-    mean = (weights[..., None] * x).sum((0, 1))
-    sd = ((weights[..., None] * x.pow(2)).sum((0, 1)) - mean.pow(2)).sqrt()
+    mean, sd = grid_moments(x, weights)
     assert torch.allclose(mean, torch.zeros(2, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(sd.float(), problem.sd.float(), atol=1e-4)
     # Turning x back by the same angle gives the unturned density.
@@ -93,18 +101,16 @@ def test_lopsided_target_has_three_quarters_of_its_mass_on_the_plus_mode(angle):
     suite = load_suite()
     name = f"lopsided@{angle:g}" if angle else "lopsided"
     problem = suite.make_problems([name])[name]
-    grid = torch.linspace(-6, 6, 1201, dtype=torch.float64)
-    x = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1)
-    log_density = suite._bimodal_log_density(x, angle=angle, weight=suite.LOPSIDED_WEIGHT)
-    weights = log_density.exp() * (grid[1] - grid[0]) ** 2
+    x, weights = grid_weights(
+        lambda x: suite._bimodal_log_density(x, angle=angle, weight=suite.LOPSIDED_WEIGHT)
+    )
     assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6)
     axis = torch.tensor(suite._bimodal_axis(angle), dtype=torch.float64)
     # Each mode leaves Phi(-shift / scale) = Phi(-4) of its mass across the midline.
     crossing = 0.5 * math.erfc(4 / math.sqrt(2))
     plus_side = 0.75 * (1 - crossing) + 0.25 * crossing
     assert float(weights[(x @ axis) > 0].sum()) == pytest.approx(plus_side, abs=5e-6)
-    mean = (weights[..., None] * x).sum((0, 1))
-    sd = ((weights[..., None] * x.pow(2)).sum((0, 1)) - mean.pow(2)).sqrt()
+    mean, sd = grid_moments(x, weights)
     assert torch.allclose(mean.float(), problem.mean.float(), atol=1e-4)
     assert torch.allclose(sd.float(), problem.sd.float(), atol=1e-4)
     assert problem.log_z == 0.0
