@@ -129,7 +129,8 @@ class EqualMixture(dist.TorchDistribution):
 
     def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
         """Stratified reparametrized draws, shape ``sample_shape + batch_shape + E``:
-        component ``k`` gives ``component_counts(n)[k]`` of the ``n`` draws, in random
+        component ``k`` gives ``component_counts(n)[k]`` of the ``n`` draws, each its
+        own ``rsample`` (for a flow component the z -> x direction), in random
         positions."""
         shape = torch.Size(sample_shape) + self.batch_shape
         num_draws = shape.numel()
@@ -152,7 +153,8 @@ class EqualMixture(dist.TorchDistribution):
             return self.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        """``log q(value) = logsumexp_k log q_k(value) - log K``, shape
+        """``log q(value) = logsumexp_k log q_k(value) - log K``, each ``log q_k`` by
+        the component's ``log_prob`` (for a flow component the x -> z direction), shape
         ``value.shape[:-len(E)]`` broadcast with ``batch_shape``."""
         scores = torch.stack([component.log_prob(value) for component in self.components], -1)
         log_q = torch.logsumexp(scores, -1) - math.log(self.num_components)
