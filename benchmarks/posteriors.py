@@ -37,7 +37,12 @@ where log Z is known, ``err`` = mean over coordinates of ``|E_q - E_true| / sd_t
 The ``fit_guide(BUDGET)`` rows (not in the default list) train by
 ``pyro_nf.infer.fit_guide`` at that preset instead (``fit_guide(default:FAMILY)``: the
 default budget with another family), annealed and with the gradient clamped as the
-preset says unless ``--anneal`` or ``--gradient-clip`` is given.
+preset says unless ``--anneal`` or ``--gradient-clip`` is given, with the preset's flow
+options and those of ``--fit-guide-option`` (``--flow-option`` reaches only the
+``AutoFlow`` rows):
+
+    python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
+        --fit-guide-option components=2                   # fit_guide with two flows
 """
 
 from __future__ import annotations
@@ -447,14 +452,19 @@ def train_fit_guide(
     """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
     gradient), with the preset's family unless ``flow`` names another;
     ``--budget-steps``, ``--anneal``, ``--anneal-start`` and ``--gradient-clip`` override
-    the preset's steps, annealing and clamp."""
+    the preset's steps, annealing and clamp, and ``--fit-guide-option`` adds to (or
+    overrides) the preset's flow options."""
     start = time.perf_counter()
     try:
         anneal, anneal_start = annealing(args, GUIDE_BUDGETS[budget])
+        options = getattr(args, "fit_guide_option", [])
+        flow_options = {**GUIDE_BUDGETS[budget]["flow_options"]}
+        flow_options.update(parse_option(text) for text in options)
         guide = fit_guide(
             problem.model,
             budget=budget,
             flow=flow,
+            flow_options=flow_options,
             steps=args.budget_steps,
             anneal=anneal,
             anneal_start=anneal_start,
@@ -668,6 +678,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=[],
         help="key=value passed to every AutoFlow (repeatable), e.g. init_scale=1.0",
     )
+    parser.add_argument(
+        "--fit-guide-option",
+        action="append",
+        default=[],
+        help="key=value added to the fit_guide(<budget>) rows' flow options (repeatable; "
+        "over the preset's), e.g. components=2",
+    )
     parser.add_argument("--output", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--quick", action="store_true", help="tiny budget, a smoke test")
@@ -711,6 +728,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"steps={args.steps} lr={args.lr}->{args.final_lr} particles={args.particles} "
         f"objective={args.objective} anneal={schedule} "
         f"eval samples={args.eval_samples} seed={args.seed} AutoFlow options={flow_options}"
+        + (f" fit_guide options={args.fit_guide_option}" if args.fit_guide_option else "")
     )
     rows = []
     for problem in problems.values():

@@ -292,6 +292,35 @@ def test_fit_guide_rows_of_another_family(monkeypatch):
     assert flows == [None, "maf", "realnvp"]
 
 
+def test_fit_guide_options_reach_only_the_fit_guide_rows(monkeypatch):
+    """``--fit-guide-option`` goes over the preset's flow options of the fit_guide rows
+    (the high preset keeps its others), and ``--flow-option`` does not reach them; without
+    it they get the preset's options unchanged."""
+    suite = load_suite()
+    options, components = [], []
+    real_fit_guide = suite.fit_guide
+
+    def recording_fit_guide(model, **kwargs):
+        options.append(kwargs["flow_options"])
+        guide = real_fit_guide(model, **kwargs)
+        components.append(getattr(guide.get_posterior(), "num_components", 1))
+        return guide
+
+    monkeypatch.setattr(suite, "fit_guide", recording_fit_guide)
+    command = ["--quick", "--targets", "banana", "--budget-steps", "2"]
+    rows = suite.main([*command, "--guides", "fit_guide(default)", "--flow-option", "components=3"])
+    rows += suite.main(
+        [*command, "--guides", "fit_guide(default)", "--fit-guide-option", "components=2"]
+    )
+    rows += suite.main(
+        [*command, "--guides", "fit_guide(high)", "--fit-guide-option", "num_layers=2"]
+    )
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    high = suite.GUIDE_BUDGETS["high"]["flow_options"]
+    assert options == [{}, {"components": 2}, {**high, "num_layers": 2}]
+    assert components == [1, 2, 1]
+
+
 def test_the_suites_svi_loop_anneals_only_when_asked(monkeypatch):
     """The guides the suite's own SVI loop trains (Pyro's and AutoFlow's) see the model
     untempered unless ``--anneal`` is given, as Pyro users train them, whatever
