@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 import pyro
 import pytest
@@ -171,7 +172,7 @@ def test_default_realnvp_guide_covers_both_modes_on_three_of_four_axes():
     assert both_modes >= 3, kls
 
 
-def fit_guide_kls_on_the_four_axes(seed: int, **fit_options: float) -> list[float]:
+def fit_guide_kls_on_the_four_axes(seed: int, **fit_options: Any) -> list[float]:
     """KL(q || p) of ``fit_guide(model, **fit_options)`` trained from ``seed`` on the
     two-mode target turned to each of the four axes (0, 45, 90 and 135 degrees)."""
     suite = load_suite()
@@ -256,4 +257,21 @@ def test_a_two_flow_mixture_holds_both_modes_with_equal_masses():
         row = suite.evaluate(problems[target], "AutoFlow(iaf)", make_guide, recipe(1000))
         assert row["status"] == "ok"
         kls.append(row["kl"])
+    assert sum(kl < 0.1 for kl in kls) >= 3, kls
+
+
+def test_fit_guide_with_two_flows_holds_both_modes_with_equal_masses():
+    """``fit_guide(model, flow="realnvp", flow_options={"components": 2})`` (its default
+    budget, with two realnvp flows of equal weight) trained on the two-mode mixture
+    turned to each of the four axes, seed 0: KL below 0.1 in at least three of the four
+    cells.
+
+    Bar: as for the two-flow mixture in the suite's loop above (0.1 is mode masses of
+    0.72 and 0.28). Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors.md,
+    "Annealing the likelihood") it had KL below 0.1 in 15 (mean 0.033; the other 0.11)
+    and met this bar at every seed. One realnvp flow through the same call was below
+    0.1 in 5 of those 16 cells (mean KL 0.208) and failed the bar at every seed (2, 2,
+    1 and 0 of four), so the bar tells the two apart.
+    """
+    kls = fit_guide_kls_on_the_four_axes(seed=0, flow="realnvp", flow_options={"components": 2})
     assert sum(kl < 0.1 for kl in kls) >= 3, kls
