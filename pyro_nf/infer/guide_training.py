@@ -234,7 +234,7 @@ def fit_guide(
             ``components``). ``flow_options={"components": 2}`` anneals a mixture of
             two flows: on the posterior suite's two-mode target (16 cells) it took the
             mean KL from 0.132 to 0.057 (iaf) and from 0.208 to 0.033 (realnvp), the
-            best guide measured there, at 2.8 to 3.5 times the time on 2 latents
+            best guide measured there, at 2.8 to 3.6 times the time on 2 latents
             (``docs/benchmarks/posteriors.md``, "Two flows through ``fit_guide``").
         steps, num_particles, lr, final_lr: the optimization.
         gradient: ``"total"`` or ``"path"`` (see :class:`AutoFlow`); with the
