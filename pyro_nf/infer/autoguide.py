@@ -745,7 +745,13 @@ class AutoFlow(AutoContinuous):
                 ``NeuTraReparam``).
         """
         self._check_single_map("get_transform")
-        return ComposeTransform([*self._flow_layers(), self._affine_layer(detach=False)])
+        return ComposeTransform(self._component_layers(0))
+
+    def _component_layers(self, component: int) -> list[Transform]:
+        """One component's map from its base ``u`` to the unconstrained latent ``x``
+        (u -> x), as layers on event shape ``(D,)``: its flow, then its affine layer
+        :math:`x = \\mu_k + L_k y`."""
+        return [*self._flow_layers(component), self._affine_layer(False, component)]
 
     def _check_single_map(self, method: str) -> None:
         if self._components > 1:
@@ -777,8 +783,10 @@ class AutoFlow(AutoContinuous):
         return EqualMixture([self._component_posterior(k) for k in range(self._components)])
 
     def _component_posterior(self, component: int) -> dist.TransformedDistribution:
-        """One component's flow posterior: its base through its flow and affine layer."""
-        layers = [*self._flow_layers(component), self._affine_layer(False, component)]
+        """One component's flow posterior :math:`q_k(x) = p_k(u)\\,|\\det \\partial x /
+        \\partial u|^{-1}` with ``x = T_k(u)`` (:meth:`_component_layers`, u -> x): batch
+        shape ``()``, event shape ``(D,)``."""
+        layers = self._component_layers(component)
         base = self._base_dist(detach=False, component=component)
         if self._gradient == "path":
             score = partial(self._detached_log_prob, component=component)
