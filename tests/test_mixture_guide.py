@@ -1,4 +1,4 @@
-"""Equal-weight mixtures of flows: ``EqualMixture`` and ``AutoFlow(model, components=K)``."""
+"""Mixtures of flows: ``EqualMixture`` and ``AutoFlow(model, components=K)``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pyro.infer.reparam import NeuTraReparam
 
 import pyro_nf
 from pyro_nf.flows import FLOW_BUILDERS
-from pyro_nf.infer import AutoFlow, EqualMixture, PathDerivativeDistribution
+from pyro_nf.infer import AutoFlow, EqualMixture, MixtureELBO, PathDerivativeDistribution
 
 SMALL = {"num_layers": 2, "hidden_dims": (8,)}
 FAMILY_KWARGS = {
@@ -236,10 +236,12 @@ def test_a_flow_callable_must_build_a_new_flow_per_component():
     assert fresh()["b"].shape == (2,)
 
 
-def test_param_store_save_load_restores_every_component(tmp_path):
+@pytest.mark.parametrize("weights", ["equal", "learned"])
+def test_param_store_save_load_restores_every_component(tmp_path, weights):
     pyro.clear_param_store()
-    guide = AutoFlow(two_site_model, components=2, **SMALL)
-    svi = SVI(two_site_model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+    guide = AutoFlow(two_site_model, components=2, mixture_weights=weights, **SMALL)
+    loss = MixtureELBO(4) if weights == "learned" else Trace_ELBO()
+    svi = SVI(two_site_model, guide, pyro.optim.Adam({"lr": 0.02}), loss)
     for _ in range(3):
         svi.step()
     x = torch.randn(6, 3)
@@ -248,10 +250,13 @@ def test_param_store_save_load_restores_every_component(tmp_path):
     pyro.get_param_store().save(tmp_path / "store.pt")
     pyro.clear_param_store()
     pyro.get_param_store().load(tmp_path / "store.pt")
-    restored = AutoFlow(two_site_model, components=2, **SMALL)
+    restored = AutoFlow(two_site_model, components=2, mixture_weights=weights, **SMALL)
     restored()
     with torch.no_grad():
         torch.testing.assert_close(restored.get_posterior().log_prob(x), before)
+    if weights == "learned":
+        assert not torch.equal(restored.get_mixture_weights(), torch.full((2,), 0.5))
+        torch.testing.assert_close(restored.get_mixture_weights(), guide.get_mixture_weights())
 
 
 def test_a_stale_store_of_another_size_is_a_clear_error():
@@ -266,20 +271,26 @@ def test_a_stale_store_of_another_size_is_a_clear_error():
         other()
 
 
+@pytest.mark.parametrize("weights", ["equal", "learned"])
 @pytest.mark.parametrize("gradient", ["total", "path"])
-def test_reads_of_a_trained_mixture_guide_change_nothing(gradient):
+def test_reads_of_a_trained_mixture_guide_change_nothing(gradient, weights):
     """Losses, Predictive and PSIS (``train_then_read``), then the Monte Carlo
-    quantiles and median and a batch of one scored with autograd off: no parameter,
-    buffer or param-store value of the trained mixture moves."""
+    quantiles and median, MixtureELBO's loss and a batch of one scored with autograd
+    off: no parameter, buffer or param-store value of the trained mixture moves."""
     from test_reads import _changed, _snapshot, banana, train_then_read
 
     pyro.clear_param_store()
-    guide = AutoFlow(banana, components=2, gradient=gradient, **SMALL)
+    guide = AutoFlow(banana, components=2, gradient=gradient, mixture_weights=weights, **SMALL)
+    if weights == "learned":  # weights away from 1/2, so that a write would show
+        guide()
+        with torch.no_grad():
+            guide.mixture_logits.copy_(torch.tensor([0.5, -0.5]))
     train_then_read(banana, guide, steps=5)
     before = _snapshot(guide)
     store_before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
     guide.quantiles([0.25, 0.75])
     guide.median()
+    MixtureELBO(8).loss(banana, guide)
     with torch.no_grad():
         posterior = guide.get_posterior()
         posterior.log_prob(posterior.sample((1,)))
@@ -288,24 +299,30 @@ def test_reads_of_a_trained_mixture_guide_change_nothing(gradient):
         assert torch.equal(value.detach(), store_before[name]), f"{name} moved"
 
 
-def test_a_mixture_guide_follows_the_models_dtype():
+@pytest.mark.parametrize("weights", ["equal", "learned"])
+def test_a_mixture_guide_follows_the_models_dtype(weights):
     def model():
         pyro.sample("a", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
 
     pyro.clear_param_store()
-    guide = AutoFlow(model, components=2, **SMALL)
+    guide = AutoFlow(model, components=2, mixture_weights=weights, **SMALL)
     assert guide()["a"].dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in guide.parameters())
+    assert guide.get_mixture_weights().dtype == torch.float64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_mixture_guide_follows_the_models_device():
+@pytest.mark.parametrize("weights", ["equal", "learned"])
+def test_a_mixture_guide_follows_the_models_device(weights):
     def model():
         pyro.sample("a", dist.Normal(torch.zeros(3, device="cuda"), 1.0).to_event(1))
 
     pyro.clear_param_store()
-    guide = AutoFlow(model, components=2, **SMALL)
+    guide = AutoFlow(model, components=2, mixture_weights=weights, **SMALL)
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+    if weights == "learned":
+        elbo = MixtureELBO(4, max_plate_nesting=0)
     SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step()
     assert guide()["a"].device.type == "cuda"
     assert all(p.device.type == "cuda" for p in guide.parameters())
+    assert guide.get_mixture_weights().device.type == "cuda"

@@ -31,7 +31,8 @@ from pyro_nf.infer.guide_training import (
     fit_guide,
     temper_likelihood,
 )
-from pyro_nf.infer.mixture import EqualMixture
+from pyro_nf.infer.mixture import EqualMixture, StratifiedMixture
+from pyro_nf.infer.mixture_elbo import MixtureELBO
 from pyro_nf.infer.training import FIT_OBJECTIVES, FitHistory, NonFiniteLossError, fit
 
 __all__ = [
@@ -45,10 +46,12 @@ __all__ = [
     "EqualMixture",
     "FeatureEncoder",
     "FitHistory",
+    "MixtureELBO",
     "NonFiniteLossError",
     "NpyBatches",
     "PSISResult",
     "PathDerivativeDistribution",
+    "StratifiedMixture",
     "annealed_inverse_temperature",
     "first_argument_rows",
     "fit",

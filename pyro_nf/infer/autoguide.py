@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -44,7 +45,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform
 
 from pyro_nf import flows  # noqa: F401 (the doctests' namespace)
 from pyro_nf.flows import FLOW_BUILDERS, FLOW_STUDENT_T_INIT_DF, Flow, flow_builder
-from pyro_nf.infer.mixture import EqualMixture
+from pyro_nf.infer.mixture import StratifiedMixture
 from pyro_nf.transforms.base import FlowTransform
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "GUIDE_AFFINE_DEFAULTS",
     "GUIDE_BASES",
     "GUIDE_GRADIENTS",
+    "GUIDE_MIXTURE_WEIGHTS",
     "GUIDE_CNF_LARGE_BLOCKS",
     "GUIDE_CNF_LARGE_INIT",
     "GUIDE_CNF_LARGE_TOL",
@@ -92,6 +94,11 @@ GUIDE_AFFINE_DEFAULTS: dict[str, str] = {"iaf": "triangular", "maf": "triangular
 
 #: The gradient estimators ``AutoFlow(model, gradient=...)`` accepts.
 GUIDE_GRADIENTS: tuple[str, ...] = ("total", "path")
+
+#: The weights of a mixture guide's components, ``AutoFlow(model, components=K,
+#: mixture_weights=...)``: ``"equal"`` (1/K each) or ``"learned"`` (softmax of the
+#: parameter ``mixture_logits``, trained by :class:`~pyro_nf.infer.MixtureELBO`).
+GUIDE_MIXTURE_WEIGHTS: tuple[str, ...] = ("equal", "learned")
 
 #: The initial degrees of freedom of a ``base="student_t"`` guide: tails a little
 #: heavier than the normal's, which training can make heavier (or lighter).
@@ -518,10 +525,11 @@ class AutoFlow(AutoContinuous):
             the funnel and the bimodal target in one-seed runs
             (``docs/benchmarks/posteriors.md``).
         components: ``K``, the number of flows in the guide. ``1`` (the default) is
-            one flow. ``K > 1`` is the equal-weight mixture
-            :math:`q = \frac1K \sum_k q_k` of ``K`` flows of the same build, each
-            with its own flow layers, ``mu``, ``sigma`` (and ``W``, ``nu``), drawn
-            stratified (:class:`~pyro_nf.infer.EqualMixture`; parameters ``flow_k``,
+            one flow. ``K > 1`` is the mixture :math:`q = \sum_k w_k q_k`
+            (equal weights ``w_k = 1/K`` unless ``mixture_weights="learned"``) of ``K``
+            flows of the same build, each with its own flow layers, ``mu``, ``sigma``
+            (and ``W``, ``nu``), drawn stratified
+            (:class:`~pyro_nf.infer.StratifiedMixture`; parameters ``flow_k``,
             ``loc_k``, ... for ``k >= 1``): a guide that can put whole components on
             separate modes of a posterior. It costs about ``K`` times the parameters
             and, per step, ``K`` inverse passes of every draw (each draw is scored under
@@ -534,6 +542,15 @@ class AutoFlow(AutoContinuous):
             as halves; on the one-mode small targets they are a trade at 2-10 times the
             training time, so the default stays 1 (``docs/benchmarks/posteriors.md``,
             "A mixture of flows").
+        mixture_weights: the weights of a guide of ``K > 1`` flows: ``"equal"`` (the
+            default, ``1 / K`` each) or ``"learned"``, :math:`w =
+            \operatorname{softmax}(a)` of a parameter ``mixture_logits`` ``a`` (shape
+            ``(K,)``, starting at 0). The draws follow ``w``
+            (:class:`~pyro_nf.infer.StratifiedMixture`). The weights are trained only by
+            :class:`~pyro_nf.infer.MixtureELBO` (which :func:`~pyro_nf.infer.fit_guide`
+            uses for such a guide): a draw's component carries no gradient, so under a
+            plain ``Trace_ELBO`` they get none and keep their values while the flows
+            train.
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an
             ``"iaf"`` or ``"maf"`` guide of up to 16 latents alternates affine and
@@ -546,7 +563,8 @@ class AutoFlow(AutoContinuous):
 
     Raises:
         ValueError: for an unknown flow name, base or gradient, a non-positive
-            ``init_scale`` or ``components``, or an unknown ``affine`` (at
+            ``init_scale`` or ``components``, an unknown ``affine`` or
+            ``mixture_weights``, or ``mixture_weights="learned"`` with one component (at
             construction); for a flow that cannot be built at the latent dimension,
             e.g. ``"realnvp"`` for a single latent dimension, or for a flow callable
             that returns one module for two components (at the first call).
@@ -585,10 +603,20 @@ class AutoFlow(AutoContinuous):
         gradient: str | None = None,
         affine: str | None = None,
         components: int = 1,
+        mixture_weights: str = "equal",
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise ValueError(f"components must be a positive integer, got {components!r}")
+        if mixture_weights not in GUIDE_MIXTURE_WEIGHTS:
+            raise ValueError(
+                f"mixture_weights must be one of {GUIDE_MIXTURE_WEIGHTS}, got {mixture_weights!r}"
+            )
+        if mixture_weights == "learned" and components == 1:
+            raise ValueError(
+                'mixture_weights="learned" needs a guide of several flows (components > 1), '
+                "got components=1"
+            )
         if affine is not None and affine not in GUIDE_AFFINES:
             raise ValueError(f"affine must be one of {GUIDE_AFFINES}, got {affine!r}")
         if base not in GUIDE_BASES:
@@ -618,6 +646,9 @@ class AutoFlow(AutoContinuous):
         self._flow_kwargs = flow_kwargs
         self._init_scale = float(init_scale)
         self._components = components
+        self._mixture_weights = mixture_weights
+        # True only inside MixtureELBO: draws in blocks per component, differentiable weights.
+        self._drawing_in_blocks = False
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _build_flow(self, dim: int) -> Transform | Flow:
@@ -662,6 +693,10 @@ class AutoFlow(AutoContinuous):
         self._gradient = self._gradient_option or defaults["gradient"]
         for component in range(self._components):
             self._add_component(component, init_loc)
+        if self._mixture_weights == "learned":
+            logits = init_loc.new_zeros(self._components)
+            _check_stored_shapes({_param_name(self, "mixture_logits"): logits.shape})
+            self.mixture_logits = nn.Parameter(logits)
 
     def _add_component(self, component: int, init_loc: Tensor) -> None:
         """Build one component's flow and its parameters, named by
@@ -757,7 +792,7 @@ class AutoFlow(AutoContinuous):
         if self._components > 1:
             raise ValueError(
                 f"AutoFlow.{method}() needs a guide of one flow, but this guide is an "
-                f"equal-weight mixture of components={self._components} flows; build the "
+                f"mixture of components={self._components} flows; build the "
                 "guide with components=1 to use it with NeuTraReparam"
             )
 
@@ -771,16 +806,50 @@ class AutoFlow(AutoContinuous):
             return TriangularAffine(loc, triangular_scale(scale, offdiag), cache_size=1)
         return AffineTransform(loc, scale, event_dim=1, cache_size=1)
 
+    @property
+    def num_components(self) -> int:
+        """``K``, the number of flows in the guide (``components``)."""
+        return self._components
+
+    def get_mixture_weights(self) -> Tensor:
+        """The components' weights ``w``, shape ``(K,)``: ``softmax(mixture_logits)``
+        (differentiable) for ``mixture_weights="learned"``, else ``1 / K`` each, on the
+        guide's device and dtype (after the guide's first call)."""
+        if self._mixture_weights == "learned":
+            return self.mixture_logits.softmax(-1)
+        loc = self._component(0, "loc")
+        return loc.new_full((self._components,), 1.0 / self._components).detach()
+
     def get_posterior(
         self, *args: Any, **kwargs: Any
-    ) -> dist.TransformedDistribution | EqualMixture:
+    ) -> dist.TransformedDistribution | StratifiedMixture:
         """The posterior over the unconstrained latent vector: a
         ``TransformedDistribution`` (a :class:`PathDerivativeDistribution` with
-        ``gradient="path"``), or for ``components=K > 1`` the :class:`EqualMixture` of
-        ``K`` of them."""
+        ``gradient="path"``), or for ``components=K > 1`` the
+        :class:`~pyro_nf.infer.StratifiedMixture` of ``K`` of them with the guide's
+        weights."""
         if self._components == 1:
             return self._component_posterior(0)
-        return EqualMixture([self._component_posterior(k) for k in range(self._components)])
+        components = [self._component_posterior(k) for k in range(self._components)]
+        logits = None
+        if self._mixture_weights == "learned":
+            logits = self.mixture_logits
+            # The weights' gradient is MixtureELBO's; with the path gradient the score
+            # of the draws is detached from every parameter, the weights included.
+            if not self._drawing_in_blocks or self._gradient == "path":
+                logits = logits.detach()
+        return StratifiedMixture(components, logits, blocks=self._drawing_in_blocks)
+
+    @contextmanager
+    def _draws_in_blocks(self) -> Iterator[None]:
+        """Within: the posterior's draws come in one block per component, component 0
+        first (:class:`~pyro_nf.infer.MixtureELBO`'s layout), and learned weights
+        keep their gradient in the posterior's ``log_prob``."""
+        self._drawing_in_blocks = True
+        try:
+            yield
+        finally:
+            self._drawing_in_blocks = False
 
     def _component_posterior(self, component: int) -> dist.TransformedDistribution:
         """One component's flow posterior :math:`q_k(x) = p_k(u)\\,|\\det \\partial x /
