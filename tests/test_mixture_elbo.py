@@ -410,3 +410,19 @@ def test_a_stale_store_of_another_component_count_is_a_clear_error():
     three = AutoFlow(two_mode_model, flow=identity_flow, components=3, mixture_weights="learned")
     with pytest.raises(ValueError, match="'AutoFlow.mixture_logits' with shape"):
         three()
+
+
+@pytest.mark.parametrize(
+    ("flow_options", "learned"),
+    [
+        ({"components": 2}, True),
+        ({"components": 2, "mixture_weights": "equal"}, False),
+        ({"components": 2, "mixture_weights": "learned"}, True),
+        ({}, False),
+    ],
+)
+def test_fit_guide_learns_the_weights_of_several_flows_unless_told(flow_options, learned):
+    pyro.clear_param_store()
+    guide = fit_guide(two_mode_model, flow=identity_flow, steps=2, flow_options=flow_options)
+    assert ("AutoFlow.mixture_logits" in pyro.get_param_store()) == learned
+    assert guide.get_mixture_weights().requires_grad == learned

@@ -43,7 +43,9 @@ __all__ = ["GUIDE_BUDGETS", "annealed_inverse_temperature", "fit_guide", "temper
 #: build the :class:`AutoFlow`; ``steps``, ``num_particles``, ``lr`` and ``final_lr``
 #: (Adam, decayed exponentially from ``lr`` to ``final_lr``), ``gradient`` and the
 #: annealing (``anneal``, ``anneal_start``: see :func:`fit_guide`) and the clamp of the
-#: gradient's elements (``gradient_clip``) train it.
+#: gradient's elements (``gradient_clip``) train it; ``mixture_weights`` is the weights
+#: of a guide of several flows when ``flow_options`` gives ``components > 1`` and no
+#: weights (``"learned"``: :class:`~pyro_nf.infer.MixtureELBO` trains them).
 #: ``"default"`` is the posterior suite's budget with ``AutoFlow``'s defaults, a
 #: fifth of the steps on the tempered likelihood, beta rising from 0.5, and the
 #: gradient's elements clamped at 10 as by the suite's ``ClippedAdam`` (measured in
@@ -66,6 +68,7 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "anneal": 0.2,
         "anneal_start": 0.5,
         "gradient_clip": 10.0,  # each gradient element, as Pyro's ClippedAdam
+        "mixture_weights": "learned",
     },
     "high": {
         "flow": "realnvp",
@@ -84,6 +87,7 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "anneal": 0.0,
         "anneal_start": 0.1,
         "gradient_clip": math.inf,  # as measured
+        "mixture_weights": "learned",  # not measured at this budget
     },
 }
 
@@ -312,6 +316,9 @@ def fit_guide(
     lr = _positive(float, "lr", preset["lr"] if lr is None else lr)
     final_lr = _positive(float, "final_lr", preset["final_lr"] if final_lr is None else final_lr)
     options.setdefault("gradient", preset["gradient"] if gradient is None else gradient)
+    components = options.get("components", 1)
+    if isinstance(components, int) and not isinstance(components, bool) and components > 1:
+        options.setdefault("mixture_weights", preset["mixture_weights"])
     anneal = _anneal_fraction(preset["anneal"] if anneal is None else anneal)
     anneal_start = _inverse_temperature(
         "anneal_start", preset["anneal_start"] if anneal_start is None else anneal_start
