@@ -42,7 +42,9 @@ options and those of ``--fit-guide-option`` (``--flow-option`` reaches only the
 ``AutoFlow`` rows):
 
     python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
-        --fit-guide-option components=2                   # fit_guide with two flows
+        --fit-guide-option components=2                   # two flows, learned weights
+    python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
+        --fit-guide-option components=2 --fit-guide-option mixture_weights=equal
 """
 
 from __future__ import annotations

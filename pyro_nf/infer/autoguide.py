@@ -550,7 +550,11 @@ class AutoFlow(AutoContinuous):
             :class:`~pyro_nf.infer.MixtureELBO` (which :func:`~pyro_nf.infer.fit_guide`
             uses for such a guide): a draw's component carries no gradient, so under a
             plain ``Trace_ELBO`` they get none and keep their values while the flows
-            train.
+            train. On the posterior suite's target with modes of mass 3/4 and 1/4, two
+            iaf flows with learned weights through ``fit_guide`` had mean KL 0.027
+            over 16 cells against 0.132 with equal weights; with equal masses 0.029
+            against 0.057 (``docs/benchmarks/posteriors.md``, "Learned mixture
+            weights").
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an
             ``"iaf"`` or ``"maf"`` guide of up to 16 latents alternates affine and
