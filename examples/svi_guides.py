@@ -17,6 +17,7 @@ Run::
 
     python examples/svi_guides.py
     python examples/svi_guides.py --models funnel --families iaf realnvp
+    python examples/svi_guides.py --components 2 --families iaf   # two flows, learned weights
     python examples/svi_guides.py --quick        # a smoke test
 """
 
@@ -54,6 +55,7 @@ from common import (  # noqa: E402
 from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
 from pyro_nf.infer import (  # noqa: E402
     AutoFlow,
+    MixtureELBO,
     annealed_inverse_temperature,
     psis_diagnostic,
     targets,
@@ -195,14 +197,23 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
         options["hidden_dims"] = (args.hidden,) * 2
     if args.final_multiplier is not None and family in GUIDE_FINAL_MULTIPLIER_FAMILIES:
         options["final_multiplier"] = args.final_multiplier
+    components = getattr(args, "components", 1)
+    if components > 1:  # a mixture of flows whose weights MixtureELBO learns
+        options.update(components=components, mixture_weights="learned")
     return AutoFlow(model, flow=family, **options)
 
 
 def train(guide: object, problem: Problem, args: argparse.Namespace, label: str) -> float:
-    """SVI with a vectorized ``Trace_ELBO``; returns the training seconds."""
+    """SVI with a vectorized ``Trace_ELBO`` (``MixtureELBO`` for a guide of several
+    flows, which learns their weights); returns the training seconds."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    elbo = Trace_ELBO(num_particles=args.particles, vectorize_particles=True, max_plate_nesting=1)
+    if isinstance(guide, AutoFlow) and guide.num_components > 1:
+        elbo = MixtureELBO(num_particles=args.particles, max_plate_nesting=1)
+    else:
+        elbo = Trace_ELBO(
+            num_particles=args.particles, vectorize_particles=True, max_plate_nesting=1
+        )
     svi = SVI(problem.model, guide, ClippedAdam({"lr": args.lr, "lrd": args.lrd}), elbo)
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc=label, leave=False, disable=not progress_enabled(args))
@@ -266,7 +277,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_guide_arguments(parser)
     parser.add_argument("--funnel-dim", type=int, default=10)
     parser.add_argument("--num-draws", type=int, default=2000, help="draws for PSIS and plots")
+    parser.add_argument(
+        "--components",
+        type=int,
+        default=1,
+        help="flows per AutoFlow guide; above 1 a mixture with learned weights, trained "
+        "by MixtureELBO (for a posterior with several modes)",
+    )
     args = parser.parse_args(argv)
+    if args.components < 1:
+        parser.error(f"--components must be a positive integer, got {args.components}")
     if args.quick:
         args.steps, args.particles, args.num_draws = 5, 2, 64
         args.flow_layers, args.hidden = 2, 8

@@ -323,6 +323,21 @@ def test_svi_guides_anneal_tempers_the_first_steps(monkeypatch):
     assert betas == pytest.approx([0.2, 0.2 + 0.8 / 2.5, 0.2 + 0.8 * 2 / 2.5])
 
 
+def test_svi_guides_components_train_a_mixture_with_learned_weights():
+    """``--components 2``: each flow guide is two flows whose weights MixtureELBO
+    trains (they move from 1/2); the other guides are unchanged."""
+    guides = load_example("svi_guides")
+    args = guides.parse_args(["--quick", "--components", "2"])
+    problem = guides.make_problem("banana", args)
+    guide = guides.make_guide("AutoFlow-realnvp", problem.model, args)
+    guides.train(guide, problem, args, "realnvp")
+    assert guide.num_components == 2
+    assert not torch.allclose(guide.get_mixture_weights().detach(), torch.full((2,), 0.5))
+    assert type(guides.make_guide("AutoNormal", problem.model, args)).__name__ == "AutoNormal"
+    with pytest.raises(SystemExit):
+        guides.parse_args(["--components", "0"])
+
+
 def test_neutra_hmc_quick(tmp_path):
     result = run_quick("neutra_hmc", tmp_path, "--flow", "realnvp")
     samplers = [row["sampler"] for row in result["rows"]]
