@@ -224,6 +224,31 @@ def test_svi_module_trains_an_amortized_flow_guide_after_a_warm_up():
     assert math.isfinite(float(run.callback_metrics["validation_elbo"]))
 
 
+def test_svi_module_trains_learned_mixture_weights_with_mixture_elbo():
+    """A minibatched model, a guide of two flows with learned weights and MixtureELBO:
+    Lightning's steps train every parameter, the weights included."""
+
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        with pyro.plate("data", 64, subsample=torch.arange(len(x))):
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    data = torch.randn(64, 2) + 3.0
+    guide = pyro_nf.AutoFlow(
+        model, flow="realnvp", components=2, mixture_weights="learned", hidden_dims=(8,)
+    )
+    module = SVIModule(model, guide, loss=pyro_nf.infer.MixtureELBO(4), lr=1e-2)
+    module.example_batch = data[:16]
+    module.setup("fit")
+    before = {name: value.detach().clone() for name, value in guide.named_parameters()}
+    trainer(max_steps=4).fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    frozen = [n for n, v in guide.named_parameters() if torch.equal(v.detach(), before[n])]
+    assert not frozen, frozen
+    assert "mixture_logits" in before
+
+
 def test_svi_module_registers_the_module_behind_bound_methods():
     class Tiny(nn.Module):
         def __init__(self):

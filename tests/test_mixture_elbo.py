@@ -426,3 +426,28 @@ def test_fit_guide_learns_the_weights_of_several_flows_unless_told(flow_options,
     guide = fit_guide(two_mode_model, flow=identity_flow, steps=2, flow_options=flow_options)
     assert ("AutoFlow.mixture_logits" in pyro.get_param_store()) == learned
     assert guide.get_mixture_weights().requires_grad == learned
+
+
+def test_mixture_weights_before_the_first_call_are_a_clear_error():
+    guide = AutoFlow(two_mode_model, flow=identity_flow, components=2, mixture_weights="learned")
+    with pytest.raises(RuntimeError, match="call the guide .* first"):
+        guide.get_mixture_weights()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(min_value=1, max_value=12), st.integers(min_value=0, max_value=2**31 - 1))
+def test_one_flow_is_trace_elbo_for_any_particle_count_and_seed(num_particles, seed):
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, flow="realnvp", **SMALL)
+    guide()
+    losses = []
+    for elbo in (
+        Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=0),
+        MixtureELBO(num_particles, max_plate_nesting=0),
+    ):
+        pyro.set_rng_seed(seed)
+        losses.append(elbo.loss(model, guide))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-5)

@@ -818,7 +818,16 @@ class AutoFlow(AutoContinuous):
     def get_mixture_weights(self) -> Tensor:
         """The components' weights ``w``, shape ``(K,)``: ``softmax(mixture_logits)``
         (differentiable) for ``mixture_weights="learned"``, else ``1 / K`` each, on the
-        guide's device and dtype (after the guide's first call)."""
+        guide's device and dtype.
+
+        Raises:
+            RuntimeError: before the guide's first call, which builds its parameters.
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                "AutoFlow.get_mixture_weights() needs the guide's parameters, which its "
+                "first call builds: call the guide (or train it) first"
+            )
         if self._mixture_weights == "learned":
             return self.mixture_logits.softmax(-1)
         loc = self._component(0, "loc")
