@@ -134,13 +134,6 @@ class StratifiedMixture(dist.TorchDistribution):
         """``K``, the number of components."""
         return len(self.components)
 
-    @property
-    def weights(self) -> Tensor:
-        """The weights ``w``, shape ``(K,)``: ``softmax(logits)``, or ``1 / K`` each."""
-        if self.logits is None:
-            return torch.full((self.num_components,), 1.0 / self.num_components)
-        return self.logits.softmax(-1)
-
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: Any = None
     ) -> StratifiedMixture:
