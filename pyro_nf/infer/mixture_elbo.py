@@ -47,7 +47,12 @@ class MixtureELBO(Trace_ELBO):
 
     Each step draws ``m = ceil(num_particles / K)`` points from every component (``K m``
     in all, vectorized over one plate as ``Trace_ELBO(vectorize_particles=True)``
-    does), runs the model on them and weights each component's mean by ``w_k``. For a
+    does), runs the model on them and weights each component's mean by ``w_k``.
+    Direction: a draw is its component's map of a base draw (z -> x, reparametrized);
+    :math:`\log q` scores it under every component by their inverses (x -> z). Shapes:
+    the guide's latent has event shape ``(D,)`` and batch shape ``(K m,)`` (then the
+    model's plate dims), component ``k``'s draws the rows ``k m`` to ``(k + 1) m - 1``;
+    the loss is a scalar. For a
     one-flow guide (``K = 1``) it is the ELBO of ``Trace_ELBO``. With equal weights its
     expectation is ``Trace_ELBO``'s, whose stratified draws estimate the same sum. The
     guide's ``gradient`` option applies: with ``"path"`` the score ``log q`` is detached
