@@ -55,8 +55,8 @@ from common import (  # noqa: E402
 from pyro_nf.flows import FLOW_BUILDERS  # noqa: E402
 from pyro_nf.infer import (  # noqa: E402
     AutoFlow,
-    MixtureELBO,
     annealed_inverse_temperature,
+    elbo_for_guide,
     psis_diagnostic,
     targets,
     temper_likelihood,
@@ -208,12 +208,7 @@ def train(guide: object, problem: Problem, args: argparse.Namespace, label: str)
     flows, which learns their weights); returns the training seconds."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    if isinstance(guide, AutoFlow) and guide.num_components > 1:
-        elbo = MixtureELBO(num_particles=args.particles, max_plate_nesting=1)
-    else:
-        elbo = Trace_ELBO(
-            num_particles=args.particles, vectorize_particles=True, max_plate_nesting=1
-        )
+    elbo = elbo_for_guide(guide, args.particles, max_plate_nesting=1)
     svi = SVI(problem.model, guide, ClippedAdam({"lr": args.lr, "lrd": args.lrd}), elbo)
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc=label, leave=False, disable=not progress_enabled(args))

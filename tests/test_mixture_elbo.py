@@ -450,3 +450,19 @@ def test_one_flow_is_trace_elbo_for_any_particle_count_and_seed(num_particles, s
         pyro.set_rng_seed(seed)
         losses.append(elbo.loss(model, guide))
     assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-5)
+
+
+def test_elbo_for_guide_picks_the_loss_that_trains_every_parameter():
+    """MixtureELBO for learned weights only; Trace_ELBO, vectorized, for the rest."""
+    from pyro_nf.infer import elbo_for_guide
+
+    cases = [
+        (AutoFlow(two_mode_model, components=2, mixture_weights="learned"), MixtureELBO),
+        (AutoFlow(two_mode_model, components=2), Trace_ELBO),
+        (AutoFlow(two_mode_model), Trace_ELBO),
+        (AutoNormal(two_mode_model), Trace_ELBO),
+    ]
+    for guide, kind in cases:
+        elbo = elbo_for_guide(guide, 8, max_plate_nesting=0)
+        assert type(elbo) is kind and elbo.num_particles == 8
+        assert kind is MixtureELBO or elbo.vectorize_particles

@@ -32,7 +32,7 @@ from pyro_nf.infer.guide_training import (
     temper_likelihood,
 )
 from pyro_nf.infer.mixture import EqualMixture, StratifiedMixture
-from pyro_nf.infer.mixture_elbo import MixtureELBO
+from pyro_nf.infer.mixture_elbo import MixtureELBO, elbo_for_guide
 from pyro_nf.infer.training import FIT_OBJECTIVES, FitHistory, NonFiniteLossError, fit
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "PathDerivativeDistribution",
     "StratifiedMixture",
     "annealed_inverse_temperature",
+    "elbo_for_guide",
     "first_argument_rows",
     "fit",
     "fit_guide",

@@ -815,6 +815,11 @@ class AutoFlow(AutoContinuous):
         """``K``, the number of flows in the guide (``components``)."""
         return self._components
 
+    @property
+    def mixture_weights(self) -> str:
+        """``"equal"`` or ``"learned"``: how the guide's components are weighted."""
+        return self._mixture_weights
+
     def get_mixture_weights(self) -> Tensor:
         """The components' weights ``w``, shape ``(K,)``: ``softmax(mixture_logits)``
         (differentiable) for ``mixture_weights="learned"``, else ``1 / K`` each, on the
@@ -830,8 +835,7 @@ class AutoFlow(AutoContinuous):
             )
         if self._mixture_weights == "learned":
             return self.mixture_logits.softmax(-1)
-        loc = self._component(0, "loc")
-        return loc.new_full((self._components,), 1.0 / self._components).detach()
+        return self._component(0, "loc").new_full((self._components,), 1.0 / self._components)
 
     def get_posterior(
         self, *args: Any, **kwargs: Any

@@ -30,11 +30,10 @@ from typing import Any
 
 import pyro.distributions as dist  # noqa: F401 (the doctests' namespace)
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyro_nf.infer.autoguide import AutoFlow
-from pyro_nf.infer.mixture_elbo import MixtureELBO
+from pyro_nf.infer.mixture_elbo import elbo_for_guide
 from pyro_nf.infer.training import NonFiniteLossError, optimization_step
 
 __all__ = ["GUIDE_BUDGETS", "annealed_inverse_temperature", "fit_guide", "temper_likelihood"]
@@ -334,13 +333,9 @@ def fit_guide(
 
     guide = AutoFlow(model, flow=flow, **options)
     guide(*args, **kwargs)  # builds the parameters
-    plate_nesting = math.inf if max_plate_nesting is None else max_plate_nesting
-    if guide._mixture_weights == "learned":  # a draw's component carries no gradient
-        elbo = MixtureELBO(num_particles=num_particles, max_plate_nesting=plate_nesting)
-    else:
-        elbo = Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=plate_nesting
-        )
+    elbo = elbo_for_guide(
+        guide, num_particles, math.inf if max_plate_nesting is None else max_plate_nesting
+    )
     parameters = [p for p in guide.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, (final_lr / lr) ** (1.0 / steps))

@@ -25,7 +25,7 @@ from typing import Any
 import pyro
 import pyro.distributions as dist  # noqa: F401 (the doctests' namespace)
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_identically_zero, is_validation_enabled
 from pyro.util import check_if_enumerated, warn_if_nan
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from pyro_nf.infer.autoguide import AutoFlow
 
-__all__ = ["MixtureELBO"]
+__all__ = ["MixtureELBO", "elbo_for_guide"]
 
 
 class MixtureELBO(Trace_ELBO):
@@ -158,6 +158,30 @@ class MixtureELBO(Trace_ELBO):
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return float(loss.detach())
+
+
+def elbo_for_guide(
+    guide: Callable[..., Any], num_particles: int, max_plate_nesting: float = math.inf
+) -> ELBO:
+    """The ELBO that trains ``guide`` with ``num_particles`` vectorized draws a step:
+    :class:`MixtureELBO` for an :class:`~pyro_nf.infer.AutoFlow` whose mixture weights
+    are learned (a plain ``Trace_ELBO`` gives them no gradient), else
+    ``Trace_ELBO(vectorize_particles=True)``.
+
+    Example:
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoFlow(model, flow="realnvp", components=2, mixture_weights="learned")
+        >>> type(elbo_for_guide(guide, 8)).__name__
+        'MixtureELBO'
+        >>> type(elbo_for_guide(AutoFlow(model), 8)).__name__
+        'Trace_ELBO'
+    """
+    if isinstance(guide, AutoFlow) and guide.mixture_weights == "learned":
+        return MixtureELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+    return Trace_ELBO(
+        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting
+    )
 
 
 def _per_draw(name: str, log_prob: Tensor | float, particle_dim: int) -> Tensor:
