@@ -252,7 +252,11 @@ def test_trace_elbo_gives_the_weights_no_gradient():
 
 def test_svi_learns_the_masses_of_two_modes():
     """Components started on the two modes of the 0.7 / 0.3 target: the weights reach
-    the masses (the ELBO's optimum there is q = p); the locations stay on the modes."""
+    the masses (the ELBO's optimum there is q = p); the locations stay on the modes.
+
+    Bar: |w_0 - 0.7| < 0.05. Over seeds 0-19 of this training the first weight ended at
+    0.7001 (sd 0.0003, worst 0.0006 off), so the bar leaves room for other CPUs'
+    arithmetic and fails weights that do not learn (they stay at 0.5, 0.2 off)."""
     guide = gaussian_mixture_guide()
     with torch.no_grad():
         guide.loc.fill_(-2.0)
