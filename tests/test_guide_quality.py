@@ -266,9 +266,8 @@ def test_a_two_flow_mixture_holds_both_modes_with_equal_masses():
 def test_fit_guide_with_two_flows_holds_both_modes_with_equal_masses():
     """``fit_guide(model, flow="realnvp", flow_options={"components": 2,
     "mixture_weights": "equal"})`` (its default budget, with two realnvp flows of equal
-    weight) trained on the two-mode mixture
-    turned to each of the four axes, seed 0: KL below 0.1 in at least three of the four
-    cells.
+    weight) trained on the two-mode mixture turned to each of the four axes, seed 0: KL
+    below 0.1 in at least three of the four cells.
 
     Bar: as for the two-flow mixture in the suite's loop above (0.1 is mode masses of
     0.72 and 0.28). Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors.md,
@@ -285,9 +284,9 @@ def test_fit_guide_with_two_flows_holds_both_modes_with_equal_masses():
 
 def test_fit_guide_with_learned_weights_fits_modes_of_unequal_mass():
     """``fit_guide(model, flow_options={"components": 2})``: two iaf flows whose weights
-    MixtureELBO trains (``fit_guide``'s weights for a guide of several flows), on the two-mode mixture of masses
-    3/4 and 1/4 turned to each of the four axes, seed 0: KL below 0.1 in at least three
-    of the four cells.
+    MixtureELBO trains (``fit_guide``'s weights for a guide of several flows), on the
+    two-mode mixture of masses 3/4 and 1/4 turned to each of the four axes, seed 0: KL
+    below 0.1 in at least three of the four cells.
 
     Bar: 0.1 is what a guide of the right shape with masses 0.5 and 0.5 scores against
     3/4 and 1/4 (0.144) less a margin. Over 16 cells (four axes, seeds 0-3;
