@@ -86,7 +86,8 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "anneal": 0.0,
         "anneal_start": 0.1,
         "gradient_clip": math.inf,  # as measured
-        "mixture_weights": "learned",  # not measured at this budget
+        # Lopsided target, seed 0, 2000 of the 10,000 steps: mean KL 0.056 against 0.124.
+        "mixture_weights": "learned",
     },
 }
 
