@@ -154,7 +154,7 @@ def test_default_realnvp_guide_covers_both_modes_on_three_of_four_axes():
     axes, seeds 0-8) the default kept one mode in 4 (11%), so two or more of four
     one-mode cells has a chance of about 5%; the former default (four affine couplings)
     kept one mode in 22 of 36 (61%) and would fail this bar with a chance of about 83%
-    (docs/benchmarks/posteriors.md, "Real NVP and the bimodal target"). Which mode a
+    (docs/benchmarks/posteriors-defaults.md, "Real NVP and the bimodal target"). Which mode a
     guide keeps is a lottery of its first steps, so one seed cannot tell the two apart
     for sure: at seed 0 on the machine of those runs the new default held both modes on
     all four axes and the former on three.
@@ -205,7 +205,7 @@ def test_fit_guide_annealed_holds_both_modes_with_balanced_masses_on_every_axis(
     four axes below 0.15. Over 12 cells (four axes, seeds 0-2) the annealed fit_guide
     had KL 0.029 to 0.117 (mean 0.070); without annealing it kept one mode (KL > 0.67)
     in 4 of 12 cells, and its means over the four axes were 0.25, 0.39 and 0.34
-    (docs/benchmarks/posteriors.md, "Annealing the likelihood"). So the bars leave more
+    (docs/benchmarks/posteriors-defaults.md, "Annealing the likelihood"). So the bars leave more
     than twice the measured worst case and fail the guide that is not annealed at
     every seed measured. (Those runs predate the default budget's clamp of the
     gradient's elements at 10, which this test now trains with.)
@@ -224,7 +224,7 @@ def test_fit_guide_at_its_defaults_holds_both_modes():
     Bars: a guide that keeps one mode has KL log 2 (0.69), so "both modes" is KL below
     log 2 - 0.1; a mean KL of 0.3 is a guide whose mode masses are 0.86 and 0.14 on
     average (w log 2w + (1 - w) log 2(1 - w)). Over seeds 0-5 (24 cells,
-    docs/benchmarks/posteriors.md, "Annealing the likelihood") the default kept both
+    docs/benchmarks/posteriors-defaults.md, "Annealing the likelihood") the default kept both
     modes in every cell, with means over the four axes of 0.07 to 0.19 (before the
     clamp: one mode in one cell, seed 5, means 0.12 to 0.23); without annealing it kept
     one mode in 7 cells, on two axes at seeds 1 and 3, with means 0.17 to 0.39 (0.39 at
@@ -244,7 +244,7 @@ def test_a_two_flow_mixture_holds_both_modes_with_equal_masses():
     Bar: a guide on one mode has KL >= log 2 (0.69); one that holds both with masses w
     and 1 - w has KL >= w log 2w + (1 - w) log 2(1 - w), 0.1 at w = 0.72. The mixture
     holds the modes with one component each, so its masses are 1/2 by construction.
-    Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors.md, "A mixture of
+    Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors-defaults.md, "A mixture of
     flows") the iaf mixture had KL below 0.1 in 14 (0.014 to 0.093; the others 0.13 and
     0.58) and met this bar at every seed; two cells of four above 0.1 has a chance of
     about 8% at that rate. The one-flow default holds both modes with unequal masses:
@@ -270,7 +270,7 @@ def test_fit_guide_with_two_flows_holds_both_modes_with_equal_masses():
     below 0.1 in at least three of the four cells.
 
     Bar: as for the two-flow mixture in the suite's loop above (0.1 is mode masses of
-    0.72 and 0.28). Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors.md,
+    0.72 and 0.28). Over 16 cells (four axes, seeds 0-3; docs/benchmarks/posteriors-defaults.md,
     "Annealing the likelihood") it had KL below 0.1 in 15 (mean 0.033; the other 0.11)
     and met this bar at every seed. One realnvp flow through the same call was below
     0.1 in 5 of those 16 cells (mean KL 0.208) and failed the bar at every seed (2, 2,
@@ -290,7 +290,7 @@ def test_fit_guide_with_learned_weights_fits_modes_of_unequal_mass():
 
     Bar: 0.1 is what a guide of the right shape with masses 0.5 and 0.5 scores against
     3/4 and 1/4 (0.144) less a margin. Over 16 cells (four axes, seeds 0-3;
-    docs/benchmarks/posteriors.md, "Learned mixture weights") these learned weights had
+    docs/benchmarks/posteriors-defaults.md, "Learned mixture weights") these learned weights had
     KL below 0.1 in all 16 (mean 0.027, worst 0.066): the bar held at every seed. Two
     flows of equal weight through the same call were below 0.1 in 2, 1, 1 and 1 of the
     four cells at seeds 0-3 (mean 0.132) and failed it at every seed, so the bar tells

@@ -540,7 +540,7 @@ class AutoFlow(AutoContinuous):
             maf and realnvp guides from 0.27-0.28 to 0.08-0.14, ahead of Pyro's spline
             guide (0.38); where the masses are 3/4 and 1/4 the equal weights fit them
             as halves; on the one-mode small targets they are a trade at 2-10 times the
-            training time, so the default stays 1 (``docs/benchmarks/posteriors.md``,
+            training time, so the default stays 1 (``docs/benchmarks/posteriors-defaults.md``,
             "A mixture of flows").
         mixture_weights: the weights of a guide of ``K > 1`` flows: ``"equal"`` (the
             default, ``1 / K`` each) or ``"learned"``, :math:`w =
@@ -553,7 +553,7 @@ class AutoFlow(AutoContinuous):
             train. On the posterior suite's target with modes of mass 3/4 and 1/4, two
             iaf flows with learned weights through ``fit_guide`` had mean KL 0.027
             over 16 cells against 0.132 with equal weights; with equal masses 0.029
-            against 0.057 (``docs/benchmarks/posteriors.md``, "Learned mixture
+            against 0.057 (``docs/benchmarks/posteriors-defaults.md``, "Learned mixture
             weights").
         **flow_kwargs: keyword arguments of the builder (e.g. ``num_layers``,
             ``hidden_dims``), over :func:`guide_flow_defaults`. Among those defaults: an

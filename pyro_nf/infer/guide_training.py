@@ -48,7 +48,7 @@ __all__ = ["GUIDE_BUDGETS", "annealed_inverse_temperature", "fit_guide", "temper
 #: ``"default"`` is the posterior suite's budget with ``AutoFlow``'s defaults, a
 #: fifth of the steps on the tempered likelihood, beta rising from 0.5, and the
 #: gradient's elements clamped at 10 as by the suite's ``ClippedAdam`` (measured in
-#: ``docs/benchmarks/posteriors.md``, "Annealing the likelihood");
+#: ``docs/benchmarks/posteriors-defaults.md``, "Annealing the likelihood");
 #: ``"high"`` is the high-compute recipe measured in ``docs/benchmarks/posteriors.md``,
 #: real NVP without glue layers, with affine couplings and no final multiplier, as
 #: measured (``AutoFlow``'s LU glue layers for realnvp guides above 16 latents, and the
@@ -245,7 +245,7 @@ def fit_guide(
             0.057 (equal weights) to 0.029 where the modes' masses are equal, and from
             0.154 and 0.132 to 0.027 where they are 3/4 and 1/4, the best guide
             measured on both, at about 3 times one flow's time on 2 latents
-            (``docs/benchmarks/posteriors.md``, "Learned mixture weights").
+            (``docs/benchmarks/posteriors-defaults.md``, "Learned mixture weights").
         steps, num_particles, lr, final_lr: the optimization.
         gradient: ``"total"`` or ``"path"`` (see :class:`AutoFlow`); with the
             ``"default"`` budget, ``AutoFlow``'s own default (``"path"`` for realnvp and
@@ -266,7 +266,7 @@ def fit_guide(
             ``"high"`` does not anneal (not measured). ``anneal=0.5,
             anneal_start=0.1`` is the measured choice of the suite's plain SVI loop for
             a posterior with several modes: it halves every flow guide's mean KL there
-            and loses 0.08 to 0.24 nats on the funnel (``docs/benchmarks/posteriors.md``,
+            and loses 0.08 to 0.24 nats on the funnel (``docs/benchmarks/posteriors-defaults.md``,
             "Annealing the likelihood"). The losses of those steps are the tempered
             model's.
         anneal_start: the first step's inverse temperature beta, in (0, 1] (0.5 in
