@@ -39,12 +39,14 @@ The ``fit_guide(BUDGET)`` rows (not in the default list) train by
 default budget with another family), annealed and with the gradient clamped as the
 preset says unless ``--anneal`` or ``--gradient-clip`` is given, with the preset's flow
 options and those of ``--fit-guide-option`` (``--flow-option`` reaches only the
-``AutoFlow`` rows):
+``AutoFlow`` rows); ``--fit-guide-arg`` sets any other keyword argument of ``fit_guide``:
 
     python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
         --fit-guide-option components=2                   # two flows, learned weights
     python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
         --fit-guide-option components=2 --fit-guide-option mixture_weights=equal
+    python benchmarks/posteriors.py --targets bimodal --guides "fit_guide(default)" \
+        --fit-guide-option components=2 --fit-guide-arg hold_weights_while_annealing=False
 """
 
 from __future__ import annotations
@@ -454,25 +456,27 @@ def train_fit_guide(
     """``pyro_nf.infer.fit_guide`` at a budget preset (its own steps, particles, lr and
     gradient), with the preset's family unless ``flow`` names another;
     ``--budget-steps``, ``--anneal``, ``--anneal-start`` and ``--gradient-clip`` override
-    the preset's steps, annealing and clamp, and ``--fit-guide-option`` adds to (or
-    overrides) the preset's flow options."""
+    the preset's steps, annealing and clamp, ``--fit-guide-option`` adds to (or
+    overrides) the preset's flow options, and ``--fit-guide-arg`` gives any other
+    keyword argument of ``fit_guide`` (over all of these)."""
     start = time.perf_counter()
     try:
         anneal, anneal_start = annealing(args, GUIDE_BUDGETS[budget])
         options = getattr(args, "fit_guide_option", [])
         flow_options = {**GUIDE_BUDGETS[budget]["flow_options"]}
         flow_options.update(parse_option(text) for text in options)
-        guide = fit_guide(
-            problem.model,
-            budget=budget,
-            flow=flow,
-            flow_options=flow_options,
-            steps=args.budget_steps,
-            anneal=anneal,
-            anneal_start=anneal_start,
-            gradient_clip=getattr(args, "gradient_clip", None),
-            max_plate_nesting=1,
-        )
+        arguments = {
+            "budget": budget,
+            "flow": flow,
+            "flow_options": flow_options,
+            "steps": args.budget_steps,
+            "anneal": anneal,
+            "anneal_start": anneal_start,
+            "gradient_clip": getattr(args, "gradient_clip", None),
+            "max_plate_nesting": 1,
+        }
+        arguments.update(parse_option(text) for text in getattr(args, "fit_guide_arg", []))
+        guide = fit_guide(problem.model, **arguments)
     except NonFiniteLossError as error:
         return error.guide, time.perf_counter() - start, False
     return guide, time.perf_counter() - start, True
@@ -687,6 +691,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="key=value added to the fit_guide(<budget>) rows' flow options (repeatable; "
         "over the preset's), e.g. components=2",
     )
+    parser.add_argument(
+        "--fit-guide-arg",
+        action="append",
+        default=[],
+        help="key=value, a keyword argument of fit_guide for the fit_guide(<budget>) rows "
+        "(repeatable; over the preset's and the flags above), e.g. "
+        "hold_weights_while_annealing=False",
+    )
     parser.add_argument("--output", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print Markdown tables")
     parser.add_argument("--quick", action="store_true", help="tiny budget, a smoke test")
@@ -731,6 +743,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"objective={args.objective} anneal={schedule} "
         f"eval samples={args.eval_samples} seed={args.seed} AutoFlow options={flow_options}"
         + (f" fit_guide options={args.fit_guide_option}" if args.fit_guide_option else "")
+        + (f" fit_guide arguments={args.fit_guide_arg}" if args.fit_guide_arg else "")
     )
     rows = []
     for problem in problems.values():

@@ -431,6 +431,41 @@ def test_fit_guide_learns_the_weights_of_several_flows_unless_told(flow_options,
     assert guide.get_mixture_weights().requires_grad == learned
 
 
+@pytest.mark.parametrize(
+    ("anneal", "hold", "weights_move"),
+    [(1.0, None, True), (1.0, True, False), (1.0, False, True), (0.5, True, True)],
+)
+def test_fit_guide_holds_learned_weights_while_annealing(anneal, hold, weights_move):
+    """``hold_weights_while_annealing=True`` keeps the learned weights at 1/K, to the
+    bit, while the likelihood is tempered (every step has beta < 1 at ``anneal=1.0``),
+    and learns them after it; the flows train throughout. Without it (the presets')
+    they learn from step 0."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    options = {"components": 2, "mixture_weights": "learned", **SMALL}
+    guide = AutoFlow(two_mode_model, **options)
+    guide()
+    locations = guide.loc.detach().clone()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = fit_guide(
+        two_mode_model,
+        steps=10,
+        anneal=anneal,
+        hold_weights_while_annealing=hold,
+        flow_options=options,
+    )
+    held = torch.equal(guide.mixture_logits.detach(), torch.zeros(2, dtype=torch.float64))
+    assert held != weights_move
+    assert not torch.equal(guide.loc.detach(), locations)
+
+
+def test_fit_guide_rejects_a_hold_that_is_not_a_bool():
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="hold_weights_while_annealing must be True or False"):
+        fit_guide(two_mode_model, steps=1, hold_weights_while_annealing="yes")
+
+
 def test_mixture_weights_before_the_first_call_are_a_clear_error():
     guide = AutoFlow(two_mode_model, flow=identity_flow, components=2, mixture_weights="learned")
     with pytest.raises(RuntimeError, match="call the guide .* first"):

@@ -321,6 +321,36 @@ def test_fit_guide_options_reach_only_the_fit_guide_rows(monkeypatch):
     assert components == [1, 2, 1]
 
 
+def test_fit_guide_arguments_reach_fit_guide_over_the_flags(monkeypatch):
+    """``--fit-guide-arg key=value`` passes a keyword argument of fit_guide as a Python
+    literal, over the value the other flags give; without it fit_guide gets the preset's."""
+    suite = load_suite()
+    calls = []
+    real_fit_guide = suite.fit_guide
+
+    def recording_fit_guide(model, **kwargs):
+        calls.append(kwargs)
+        return real_fit_guide(model, **kwargs)
+
+    monkeypatch.setattr(suite, "fit_guide", recording_fit_guide)
+    command = ["--quick", "--targets", "banana", "--guides", "fit_guide(default)"]
+    rows = suite.main([*command, "--budget-steps", "2"])
+    rows += suite.main(
+        [
+            *command,
+            "--budget-steps",
+            "2",
+            "--fit-guide-arg",
+            "hold_weights_while_annealing=False",
+            "--fit-guide-arg",
+            "steps=3",
+        ]
+    )
+    assert [row["status"] for row in rows] == ["ok"] * 2
+    assert "hold_weights_while_annealing" not in calls[0] and calls[0]["steps"] == 2
+    assert calls[1]["hold_weights_while_annealing"] is False and calls[1]["steps"] == 3
+
+
 def test_the_suites_svi_loop_anneals_only_when_asked(monkeypatch):
     """The guides the suite's own SVI loop trains (Pyro's and AutoFlow's) see the model
     untempered unless ``--anneal`` is given, as Pyro users train them, whatever
