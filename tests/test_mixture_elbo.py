@@ -433,13 +433,13 @@ def test_fit_guide_learns_the_weights_of_several_flows_unless_told(flow_options,
 
 @pytest.mark.parametrize(
     ("anneal", "hold", "weights_move"),
-    [(1.0, None, True), (1.0, True, False), (1.0, False, True), (0.5, True, True)],
+    [(1.0, None, False), (1.0, True, False), (1.0, False, True), (0.5, None, True)],
 )
 def test_fit_guide_holds_learned_weights_while_annealing(anneal, hold, weights_move):
-    """``hold_weights_while_annealing=True`` keeps the learned weights at 1/K, to the
-    bit, while the likelihood is tempered (every step has beta < 1 at ``anneal=1.0``),
-    and learns them after it; the flows train throughout. Without it (the presets')
-    they learn from step 0."""
+    """By default (``hold_weights_while_annealing``, the presets' True) the learned
+    weights stay at 1/K, to the bit, while the likelihood is tempered (every step has
+    beta < 1 at ``anneal=1.0``), and learn after it; the flows train throughout.
+    ``hold_weights_while_annealing=False`` learns them from step 0."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     options = {"components": 2, "mixture_weights": "learned", **SMALL}
