@@ -295,8 +295,8 @@ def fit_guide(
             have other masses than the posterior's. On in both presets: with two flows
             on the posterior suite's two-mode targets (176 cells, iaf, maf and realnvp)
             it met all three moment bars in 140 cells against 127 with the weights
-            learned from step 0, at a level mean KL (``docs/benchmarks/
-            posteriors-defaults.md``, "Learned mixture weights").
+            learned from step 0, at a level mean KL
+            (``docs/benchmarks/posteriors-defaults.md``, "Learned mixture weights").
         max_plate_nesting: the model's plate depth (guessed by Pyro when None).
         losses: a list that receives the loss (negative ELBO estimate) of every step.
 
