@@ -70,8 +70,8 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "anneal_start": 0.5,
         "gradient_clip": 10.0,  # each gradient element, as Pyro's ClippedAdam
         "mixture_weights": "learned",
-        # Two flows, 176 cells of the two-mode targets: all three moment bars in 140
-        # against 127 when learned from step 0, mean KL level (-0.005 +- 0.006).
+        # Two flows, 192 cells of the two-mode targets: all three moment bars in 153
+        # against 138 when learned from step 0, mean KL level (-0.005 +- 0.006).
         "hold_weights_while_annealing": True,
     },
     "high": {
@@ -293,8 +293,8 @@ def fit_guide(
             them only from the first untempered step (their gradient is zeroed before
             Adam sees it; the flows train throughout). The tempered posterior's modes
             have other masses than the posterior's. On in both presets: with two flows
-            on the posterior suite's two-mode targets (176 cells, iaf, maf and realnvp)
-            it met all three moment bars in 140 cells against 127 with the weights
+            on the posterior suite's two-mode targets (192 cells, iaf, maf and realnvp)
+            it met all three moment bars in 153 cells against 138 with the weights
             learned from step 0, at a level mean KL
             (``docs/benchmarks/posteriors-defaults.md``, "Learned mixture weights").
         max_plate_nesting: the model's plate depth (guessed by Pyro when None).
