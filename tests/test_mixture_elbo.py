@@ -460,6 +460,29 @@ def test_fit_guide_holds_learned_weights_while_annealing(anneal, hold, weights_m
     assert not torch.equal(guide.loc.detach(), locations)
 
 
+def test_holding_the_weights_keeps_a_non_finite_gradient_for_the_refusal():
+    """The held logits' finite gradient is zeroed; a non-finite one stays, so that
+    optimization_step refuses the update rather than applying the flows' part of it."""
+    from pyro_nf.infer.guide_training import _backward_holding_weights
+    from pyro_nf.infer.training import optimization_step
+
+    pyro.clear_param_store()
+    guide = AutoFlow(two_mode_model, components=2, mixture_weights="learned", **SMALL)
+    guide()
+    backward = _backward_holding_weights(guide)
+    optimizer = torch.optim.Adam(guide.parameters(), lr=0.1)
+    locations = guide.loc.detach().clone()
+    loss = (guide.mixture_logits * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum()
+    assert optimization_step(loss + guide.loc.sum(), optimizer, backward=backward) is None
+    assert torch.equal(guide.mixture_logits.detach(), torch.zeros(2, dtype=torch.float64))
+    assert not torch.equal(guide.loc.detach(), locations)
+    locations = guide.loc.detach().clone()
+    finite_loss = guide.mixture_logits[0].sqrt() + guide.loc.sum()  # d sqrt(a)/da = inf at 0
+    assert math.isfinite(float(finite_loss))
+    assert optimization_step(finite_loss, optimizer, backward=backward) == "gradient"
+    assert torch.equal(guide.loc.detach(), locations)
+
+
 def test_fit_guide_rejects_a_hold_that_is_not_a_bool():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="hold_weights_while_annealing must be True or False"):

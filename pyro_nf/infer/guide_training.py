@@ -365,11 +365,12 @@ def fit_guide(
     optimizer = torch.optim.Adam(parameters, lr=lr)
     decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, (final_lr / lr) ** (1.0 / steps))
     holds_weights = hold_weights_while_annealing and guide.mixture_weights == "learned"
+    backward_holding_weights = _backward_holding_weights(guide) if holds_weights else None
     refused = 0
     for step in range(steps):
         beta = annealed_inverse_temperature(step, steps, anneal, anneal_start)
         loss = elbo.differentiable_loss(temper_likelihood(model, beta), guide, *args, **kwargs)
-        backward = _backward_holding_weights(guide) if holds_weights and beta < 1.0 else None
+        backward = backward_holding_weights if beta < 1.0 else None
         failure = optimization_step(loss, optimizer, backward=backward, gradient_clip=gradient_clip)
         if losses is not None:
             losses.append(float(loss.detach()))
@@ -394,12 +395,14 @@ def fit_guide(
 def _backward_holding_weights(guide: AutoFlow) -> Callable[[Tensor], None]:
     """Backpropagation that zeroes the gradient of the guide's learned mixture logits.
     From the first step on, Adam's moments of the logits then stay zero and its
-    updates leave them where they are."""
+    updates leave them where they are. A non-finite gradient is left as it is, so that
+    :func:`~pyro_nf.infer.training.optimization_step` still refuses the update."""
 
     def backward(loss: Tensor) -> None:
         loss.backward()
-        if guide.mixture_logits.grad is not None:
-            guide.mixture_logits.grad.zero_()
+        grad = guide.mixture_logits.grad
+        if grad is not None and bool(torch.isfinite(grad).all()):
+            grad.zero_()
 
     return backward
 
