@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions.transforms import AffineTransform
 
@@ -278,7 +278,7 @@ def test_trace_elbo_score_terms_leave_out_an_auxiliary_sites_log_q():
         pyro.sample("z", dist.Delta(u))
 
     gradients = {}
-    for elbo in (pyro.infer.Trace_ELBO, pyro.infer.TraceGraph_ELBO):
+    for elbo in (Trace_ELBO, TraceGraph_ELBO):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         elbo(num_particles=80_000, vectorize_particles=True).loss_and_grads(model, guide)
