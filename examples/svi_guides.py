@@ -204,8 +204,9 @@ def make_guide(kind: str, model: Callable[..., None], args: argparse.Namespace) 
 
 
 def train(guide: object, problem: Problem, args: argparse.Namespace, label: str) -> float:
-    """SVI with a vectorized ``Trace_ELBO`` (``MixtureELBO`` for a guide of several
-    flows, which learns their weights); returns the training seconds."""
+    """SVI with the loss ``elbo_for_guide`` picks: a vectorized ``Trace_ELBO``, or
+    ``MixtureELBO`` for a guide whose mixture weights are learned (this script's guides
+    of several flows); returns the training seconds."""
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     elbo = elbo_for_guide(guide, args.particles, max_plate_nesting=1)

@@ -91,7 +91,8 @@ GUIDE_BUDGETS: dict[str, dict[str, Any]] = {
         "anneal": 0.0,
         "anneal_start": 0.1,
         "gradient_clip": math.inf,  # as measured
-        # Lopsided target, seed 0, 2000 of the 10,000 steps: mean KL 0.056 against 0.124.
+        # Two realnvp flows on the lopsided target's four axes, seed 0, 2000 of the
+        # 10,000 steps: mean KL 0.056 learned against 0.124 equal (bars in 3 of 4 and 1).
         "mixture_weights": "learned",
         "hold_weights_while_annealing": True,  # no annealing here, so no effect
     },
